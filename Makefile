@@ -1,0 +1,20 @@
+# The two commands of the README:
+#   make demo   sets up and runs the main job (a local cluster, a rank killed and recovered)
+#   make test   sets up and runs the default test suite (what CI runs)
+.PHONY: setup test test-gpu demo lint
+PY := .venv/bin/python
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -m "not gpu and not multigpu" $(PYTEST_ARGS)
+
+test-gpu:
+	python3 -m pytest -m "gpu or multigpu" $(PYTEST_ARGS)
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+demo: setup
+	.venv/bin/eep demo

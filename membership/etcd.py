@@ -1,0 +1,405 @@
+"""The one adapter over the ``etcd3gw`` client (etcd's v3 JSON gateway).
+
+Nothing else in the project imports ``etcd3gw``. This module speaks the gateway's JSON API
+directly through the client's HTTP session for what ``etcd3gw`` does not expose (revisions in
+responses, compare-and-swap transactions with several compares, watch headers and compaction
+notices), and turns every failure into a typed error from ``errors``.
+
+Every request has a timeout; a request that times out has an unknown outcome, so writers that
+care (the view commit) resolve it by re-reading, never by blindly repeating.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import etcd3gw
+import requests
+
+from .errors import EtcdRequestError, EtcdUnavailable, WatchBroken, WatchCompacted
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 2.0
+
+
+def _b64(data: str | bytes) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.b64encode(data).decode()
+
+
+def _unb64(data: str | None) -> bytes:
+    return base64.b64decode(data) if data else b""
+
+
+def prefix_end(prefix: str) -> str:
+    """The range end that selects every key starting with ``prefix``."""
+    raw = prefix.encode()
+    return (raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One key as etcd stores it; revisions are etcd's, ``lease`` 0 means none."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+    @classmethod
+    def from_json(cls, kv: dict[str, Any]) -> KeyValue:
+        return cls(
+            key=_unb64(kv.get("key")).decode(),
+            value=_unb64(kv.get("value")),
+            create_revision=int(kv.get("create_revision", 0)),
+            mod_revision=int(kv.get("mod_revision", 0)),
+            version=int(kv.get("version", 0)),
+            lease=int(kv.get("lease", 0)),
+        )
+
+    def json(self) -> Any:
+        return json.loads(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A watch event: ``kind`` is ``"put"`` or ``"delete"``; ``kv.mod_revision`` orders it."""
+
+    kind: str
+    kv: KeyValue
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """The events of one watch response, all at revisions <= ``revision``."""
+
+    revision: int
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    # for each op of the branch taken: the KeyValues a range returned ([] for put/delete)
+    responses: tuple[tuple[KeyValue, ...], ...] = field(default_factory=tuple)
+
+
+# --- transaction builders (compare targets: MOD, CREATE, VERSION, VALUE, LEASE) -------------
+
+
+def cmp_mod(key: str, revision: int, result: str = "EQUAL") -> dict[str, Any]:
+    """Compare a key's ``mod_revision`` (0 for a missing key)."""
+    return {"key": _b64(key), "target": "MOD", "result": result, "mod_revision": revision}
+
+
+def cmp_create(key: str, revision: int, result: str = "EQUAL") -> dict[str, Any]:
+    """Compare a key's ``create_revision`` (0 for a missing key)."""
+    return {"key": _b64(key), "target": "CREATE", "result": result, "create_revision": revision}
+
+
+def cmp_lease(key: str, lease_id: int, result: str = "EQUAL") -> dict[str, Any]:
+    return {"key": _b64(key), "target": "LEASE", "result": result, "lease": lease_id}
+
+
+def op_put(key: str, value: str | bytes, lease: int = 0) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        req["lease"] = lease
+    return {"request_put": req}
+
+
+def op_get(key: str) -> dict[str, Any]:
+    return {"request_range": {"key": _b64(key)}}
+
+
+def op_delete(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+class EtcdClient:
+    """A small, typed etcd v3 client over one or more endpoints (``host:port``).
+
+    Requests go to the first endpoint that answers; a connection failure moves on to the next
+    one. ``timeout_s`` bounds every unary request.
+    """
+
+    def __init__(self, endpoints: Sequence[str] | str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e]
+        if not endpoints:
+            raise ValueError("EtcdClient needs at least one endpoint of the form host:port.")
+        self.endpoints = tuple(endpoints)
+        self.timeout_s = timeout_s
+        self._clients = [self._make(e) for e in self.endpoints]
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def _make(self, endpoint: str) -> etcd3gw.Etcd3Client:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"etcd endpoint {endpoint!r} is not of the form host:port.")
+        client = etcd3gw.Etcd3Client(
+            host=host.strip("[]") or "127.0.0.1",
+            port=int(port),
+            timeout=self.timeout_s,
+            api_path="/v3/",
+        )
+        return client
+
+    def __repr__(self) -> str:
+        return f"EtcdClient({','.join(self.endpoints)})"
+
+    # --- transport -------------------------------------------------------------------------
+
+    def _post(self, path: str, body: dict[str, Any], timeout_s: float | None = None) -> Any:
+        errors = []
+        for _ in range(len(self._clients)):
+            with self._lock:
+                idx = self._current
+            client = self._clients[idx]
+            try:
+                resp = client.session.post(
+                    client.get_url(path), json=body, timeout=timeout_s or self.timeout_s
+                )
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+                errors.append(f"{self.endpoints[idx]}: {exc.__class__.__name__}")
+                with self._lock:
+                    self._current = (idx + 1) % len(self._clients)
+                last_exc: Exception = exc
+                continue
+            if resp.status_code != 200:
+                raise EtcdRequestError(
+                    f"etcd at {self.endpoints[idx]} refused {path}: HTTP {resp.status_code} "
+                    f"{resp.text.strip()[:300]}"
+                )
+            return resp.json()
+        raise EtcdUnavailable(
+            f"no etcd endpoint answered {path} within {timeout_s or self.timeout_s:.1f} s "
+            f"({'; '.join(errors)}). Check that etcd runs "
+            f"(`etcdctl --endpoints {','.join(self.endpoints)} endpoint health`) "
+            "or point --etcd at a live cluster."
+        ) from last_exc
+
+    # --- KV --------------------------------------------------------------------------------
+
+    def get(self, key: str) -> KeyValue | None:
+        kvs, _ = self.range(key)
+        return kvs[0] if kvs else None
+
+    def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix``, sorted by key, and the store revision of the read."""
+        return self.range(prefix, prefix_end(prefix))
+
+    def range(self, key: str, range_end: str | None = None) -> tuple[list[KeyValue], int]:
+        body: dict[str, Any] = {"key": _b64(key)}
+        if range_end is not None:
+            body["range_end"] = _b64(range_end)
+        result = self._post("kv/range", body)
+        kvs = [KeyValue.from_json(kv) for kv in result.get("kvs", [])]
+        return kvs, int(result["header"]["revision"])
+
+    def put(self, key: str, value: str | bytes, lease: int = 0) -> int:
+        """Write ``key``; returns the new store revision. A missing lease is an error."""
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = lease
+        return int(self._post("kv/put", body)["header"]["revision"])
+
+    def delete(self, key: str, prefix: bool = False) -> int:
+        """Delete ``key`` (or every key under it); returns how many keys were deleted."""
+        body: dict[str, Any] = {"key": _b64(key)}
+        if prefix:
+            body["range_end"] = _b64(prefix_end(key))
+        return int(self._post("kv/deleterange", body).get("deleted", 0))
+
+    def txn(
+        self,
+        compare: Sequence[dict[str, Any]],
+        success: Sequence[dict[str, Any]],
+        failure: Sequence[dict[str, Any]] = (),
+    ) -> TxnResult:
+        result = self._post(
+            "kv/txn", {"compare": list(compare), "success": list(success), "failure": list(failure)}
+        )
+        responses = []
+        for resp in result.get("responses", []):
+            rng = resp.get("response_range")
+            kvs = rng.get("kvs", []) if rng else []
+            responses.append(tuple(KeyValue.from_json(kv) for kv in kvs))
+        return TxnResult(
+            succeeded=bool(result.get("succeeded", False)),
+            revision=int(result["header"]["revision"]),
+            responses=tuple(responses),
+        )
+
+    def compact(self, revision: int) -> None:
+        self._post("kv/compaction", {"revision": revision, "physical": True})
+
+    def revision(self) -> int:
+        """The current store revision (a linearizable read)."""
+        return self.range("\0")[1]
+
+    # --- leases ----------------------------------------------------------------------------
+
+    def lease_grant(self, ttl_s: int) -> tuple[int, int]:
+        """Grant a lease; returns ``(lease_id, granted_ttl_s)`` (etcd may raise the TTL)."""
+        result = self._post("lease/grant", {"TTL": int(ttl_s)})
+        if result.get("error"):
+            raise EtcdRequestError(f"etcd refused a lease of {ttl_s} s: {result['error']}")
+        return int(result["ID"]), int(result["TTL"])
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Renew a lease once; returns the new TTL, or -1 if the lease no longer exists."""
+        result = self._post("lease/keepalive", {"ID": lease_id})
+        return int(result.get("result", {}).get("TTL", -1))
+
+    def lease_revoke(self, lease_id: int) -> bool:
+        """Revoke a lease (its keys are deleted in one revision); False if it was gone."""
+        try:
+            self._post("kv/lease/revoke", {"ID": lease_id})
+        except EtcdRequestError as exc:
+            if "not found" in str(exc):
+                return False
+            raise
+        return True
+
+    def lease_ttl(self, lease_id: int) -> int:
+        """Seconds left on a lease, or -1 if it does not exist."""
+        return int(self._post("kv/lease/timetolive", {"ID": lease_id}).get("TTL", -1))
+
+    # --- watch -----------------------------------------------------------------------------
+
+    def watch(
+        self, key: str, start_revision: int, prefix: bool = False
+    ) -> WatchStream:
+        """Open a watch on ``key`` (or every key under it) from ``start_revision``."""
+        return WatchStream(self, key, start_revision, prefix)
+
+    def _open_stream(self, body: dict[str, Any]) -> tuple[requests.Response, str]:
+        errors = []
+        for _ in range(len(self._clients)):
+            with self._lock:
+                idx = self._current
+            client = self._clients[idx]
+            try:
+                # connect bounded; the read side is unbounded because a watch idles
+                resp = client.session.post(
+                    client.get_url("watch"), json=body, stream=True, timeout=(self.timeout_s, None)
+                )
+                return resp, self.endpoints[idx]
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+                errors.append(f"{self.endpoints[idx]}: {exc.__class__.__name__}")
+                with self._lock:
+                    self._current = (idx + 1) % len(self._clients)
+        raise EtcdUnavailable(
+            f"no etcd endpoint accepted a watch ({'; '.join(errors)}); check that etcd runs."
+        )
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.session.close()
+
+
+class WatchStream:
+    """One watch stream read by a background thread.
+
+    ``get(timeout_s)`` returns the next :class:`WatchBatch`, ``None`` on timeout, and raises
+    :class:`WatchCompacted` (the start revision was compacted) or :class:`WatchBroken` (the
+    stream ended: etcd restarted, the connection dropped). Either way the caller resumes with a
+    new stream from the last revision it processed.
+    """
+
+    def __init__(self, client: EtcdClient, key: str, start_revision: int, prefix: bool):
+        create: dict[str, Any] = {"key": _b64(key), "start_revision": start_revision}
+        if prefix:
+            create["range_end"] = _b64(prefix_end(key))
+        self._resp, self.endpoint = client._open_stream({"create_request": create})
+        self._queue: queue.Queue[WatchBatch | Exception] = queue.Queue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, name=f"etcd-watch {key}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._resp.iter_lines(chunk_size=None):
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise WatchBroken(f"watch failed at {self.endpoint}: {msg['error']}")
+                result = msg.get("result", {})
+                compact = int(result.get("compact_revision", 0) or 0)
+                if compact:
+                    raise WatchCompacted(f"watch start revision compacted (now {compact})")
+                if result.get("created") and not result.get("events"):
+                    continue
+                if result.get("canceled"):
+                    raise WatchBroken(f"etcd canceled the watch: {result.get('cancel_reason')}")
+                events = tuple(
+                    Event(kind=e.get("type", "PUT").lower(), kv=KeyValue.from_json(e["kv"]))
+                    for e in result.get("events", [])
+                )
+                revision = int(result.get("header", {}).get("revision", 0))
+                if events:
+                    revision = max(revision, events[-1].kv.mod_revision)
+                self._queue.put(WatchBatch(revision=revision, events=events))
+            raise WatchBroken(f"watch stream from {self.endpoint} ended")
+        except (WatchBroken, WatchCompacted) as exc:
+            self._queue.put(exc)
+        except (requests.exceptions.RequestException, ValueError, OSError) as exc:
+            if not self._closed.is_set():
+                self._queue.put(WatchBroken(f"watch stream from {self.endpoint} failed: {exc}"))
+        except Exception as exc:  # urllib3 raises its own types from a closed socket
+            if not self._closed.is_set():
+                self._queue.put(WatchBroken(f"watch stream from {self.endpoint} failed: {exc!r}"))
+
+    def get(self, timeout_s: float) -> WatchBatch | None:
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[WatchBatch]:
+        while not self._closed.is_set():
+            batch = self.get(0.5)
+            if batch is not None:
+                yield batch
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self._resp.close()
+        except Exception as exc:  # closing a half-dead socket may fail; nothing to recover
+            log.debug("closing watch stream: %r", exc)
+
+
+__all__ = [
+    "EtcdClient",
+    "Event",
+    "KeyValue",
+    "TxnResult",
+    "WatchBatch",
+    "WatchStream",
+    "cmp_create",
+    "cmp_lease",
+    "cmp_mod",
+    "op_delete",
+    "op_get",
+    "op_put",
+    "prefix_end",
+]
