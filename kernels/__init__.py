@@ -1,1 +1,11 @@
-"""kernels"""
+"""Triton EP kernels (torch and triton only): routing against the committed view,
+dispatch/combine within one host over symmetric memory, and the grouped SwiGLU expert GEMM.
+
+``reference.py`` holds a pure-torch reference of each kernel. Submodules import lazily from
+here so that ``eep.kernels.reference`` alone needs no Triton compiler.
+"""
+
+from eep.kernels.config import EpConfig
+from eep.kernels.view import DeviceView
+
+__all__ = ["EpConfig", "DeviceView"]

@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -276,14 +277,13 @@ class EtcdClient:
         return True
 
     def lease_ttl(self, lease_id: int) -> int:
-        """Seconds left on a lease, or -1 if it does not exist."""
-        return int(self._post("kv/lease/timetolive", {"ID": lease_id}).get("TTL", -1))
+        """Whole seconds left on a lease (0: under one), or -1 if it does not exist."""
+        # proto3 JSON leaves a zero TTL out; a missing lease is an explicit -1
+        return int(self._post("kv/lease/timetolive", {"ID": lease_id}).get("TTL", 0))
 
     # --- watch -----------------------------------------------------------------------------
 
-    def watch(
-        self, key: str, start_revision: int, prefix: bool = False
-    ) -> WatchStream:
+    def watch(self, key: str, start_revision: int, prefix: bool = False) -> WatchStream:
         """Open a watch on ``key`` (or every key under it) from ``start_revision``."""
         return WatchStream(self, key, start_revision, prefix)
 
@@ -331,39 +331,56 @@ class WatchStream:
         self._thread = threading.Thread(target=self._read, name=f"etcd-watch {key}", daemon=True)
         self._thread.start()
 
+    def _messages(self) -> Iterator[dict[str, Any]]:
+        """JSON messages as they arrive: the gateway sends one per chunk, not always followed
+        by a newline, so line-based reading would hold each message back until the next."""
+        decoder = json.JSONDecoder()
+        buf = ""
+        for chunk in self._resp.iter_content(chunk_size=None):
+            buf += chunk.decode()
+            while True:
+                buf = buf.lstrip()
+                if not buf:
+                    break
+                try:
+                    msg, end = decoder.raw_decode(buf)
+                except ValueError:
+                    break  # an incomplete message: wait for the rest
+                buf = buf[end:]
+                yield msg
+
     def _read(self) -> None:
         try:
-            for line in self._resp.iter_lines(chunk_size=None):
-                if not line.strip():
-                    continue
-                msg = json.loads(line)
-                if "error" in msg:
-                    raise WatchBroken(f"watch failed at {self.endpoint}: {msg['error']}")
-                result = msg.get("result", {})
-                compact = int(result.get("compact_revision", 0) or 0)
-                if compact:
-                    raise WatchCompacted(f"watch start revision compacted (now {compact})")
-                if result.get("created") and not result.get("events"):
-                    continue
-                if result.get("canceled"):
-                    raise WatchBroken(f"etcd canceled the watch: {result.get('cancel_reason')}")
-                events = tuple(
-                    Event(kind=e.get("type", "PUT").lower(), kv=KeyValue.from_json(e["kv"]))
-                    for e in result.get("events", [])
-                )
-                revision = int(result.get("header", {}).get("revision", 0))
-                if events:
-                    revision = max(revision, events[-1].kv.mod_revision)
-                self._queue.put(WatchBatch(revision=revision, events=events))
+            for msg in self._messages():
+                self._handle(msg)
             raise WatchBroken(f"watch stream from {self.endpoint} ended")
         except (WatchBroken, WatchCompacted) as exc:
             self._queue.put(exc)
-        except (requests.exceptions.RequestException, ValueError, OSError) as exc:
-            if not self._closed.is_set():
-                self._queue.put(WatchBroken(f"watch stream from {self.endpoint} failed: {exc}"))
-        except Exception as exc:  # urllib3 raises its own types from a closed socket
+        except Exception as exc:  # requests, urllib3 and socket errors from a dropped stream
             if not self._closed.is_set():
                 self._queue.put(WatchBroken(f"watch stream from {self.endpoint} failed: {exc!r}"))
+        finally:
+            self._resp.close()
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        if "error" in msg:
+            raise WatchBroken(f"watch failed at {self.endpoint}: {msg['error']}")
+        result = msg.get("result", {})
+        compact = int(result.get("compact_revision", 0) or 0)
+        if compact:
+            raise WatchCompacted(f"watch start revision compacted (now {compact})")
+        if result.get("created") and not result.get("events"):
+            return
+        if result.get("canceled"):
+            raise WatchBroken(f"etcd canceled the watch: {result.get('cancel_reason')}")
+        events = tuple(
+            Event(kind=e.get("type", "PUT").lower(), kv=KeyValue.from_json(e["kv"]))
+            for e in result.get("events", [])
+        )
+        revision = int(result.get("header", {}).get("revision", 0))
+        if events:
+            revision = max(revision, events[-1].kv.mod_revision)
+        self._queue.put(WatchBatch(revision=revision, events=events))
 
     def get(self, timeout_s: float) -> WatchBatch | None:
         try:
@@ -381,11 +398,15 @@ class WatchStream:
                 yield batch
 
     def close(self) -> None:
+        """End the stream. The reader thread is blocked in a read on the socket, and closing
+        the response from here would wait for it; shutting the socket down wakes it."""
         self._closed.set()
         try:
-            self._resp.close()
-        except Exception as exc:  # closing a half-dead socket may fail; nothing to recover
-            log.debug("closing watch stream: %r", exc)
+            fd = self._resp.raw._fp.fileno()  # the live connection's socket
+            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError, ValueError) as exc:  # already closed by etcd
+            log.debug("watch stream shutdown: %r", exc)
 
 
 __all__ = [

@@ -1,0 +1,205 @@
+"""The membership coordinator: turns registrations into committed views.
+
+Run one or more; they elect a leader (``election``). The leader is level-triggered: on every
+change under ``slots/`` (after a short debounce that batches concurrent failures) and on a
+periodic tick, it compares the registered slots with the committed view and commits the next
+epoch when they differ:
+- a member whose record is gone, or whose record is a newer incarnation, leaves the view;
+- a slot registered ``ready`` outside the view (or as a newer incarnation) joins it.
+Every commit is fenced by the leader's election key, so a deposed leader cannot commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .commit import CommitResult, FenceFailed, commit_next
+from .election import Election
+from .errors import (
+    EtcdUnavailable,
+    LeaseLost,
+    MalformedView,
+    StaleView,
+    WatchBroken,
+    WatchCompacted,
+)
+from .etcd import EtcdClient
+from .keys import Keys
+from .registry import SlotRecord, SlotState, read_slots
+from .session import Session, SessionConfig
+from .view import View
+
+log = logging.getLogger(__name__)
+
+# members (sorted slots) and the previous view -> the placement payload of the next view
+Planner = Callable[[Sequence[int], View | None], Any]
+
+
+def keep_placement(members: Sequence[int], previous: View | None) -> Any:
+    """The default planner: the placement is the runtime's business; carry it over."""
+    return previous.placement if previous else None
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    ttl_s: int = 3
+    debounce_s: float = 0.1
+    max_debounce_s: float = 0.5
+    resync_s: float = 1.0  # level-triggered re-check even when no event arrives
+    identity: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.debounce_s <= self.max_debounce_s:
+            raise ValueError(
+                f"debounce {self.debounce_s} s must be >= 0 and <= max_debounce "
+                f"{self.max_debounce_s} s."
+            )
+
+
+def next_members(
+    current: View | None, records: dict[int, SlotRecord]
+) -> tuple[dict[int, int], list[int], list[int]]:
+    """Pure reconciliation: ``({slot: incarnation}, removed, added)`` for the next view."""
+    members = dict(current.incarnations) if current else {}
+    removed = sorted(
+        s for s, inc in members.items() if s not in records or records[s].incarnation != inc
+    )
+    for s in removed:
+        del members[s]
+    added = sorted(
+        s for s, rec in records.items() if rec.state is SlotState.READY and s not in members
+    )
+    for s in added:
+        members[s] = records[s].incarnation
+    return members, removed, added
+
+
+class Coordinator:
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: Keys,
+        planner: Planner = keep_placement,
+        config: CoordinatorConfig | None = None,
+    ):
+        self.client, self.keys, self.planner = client, keys, planner
+        self.config = config or CoordinatorConfig()
+        self.is_leader = threading.Event()
+        self.commits = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Campaign, lead, and campaign again after losing a session, until :meth:`stop`."""
+        while not self._stop.is_set():
+            try:
+                with Session(
+                    self.client, SessionConfig(ttl_s=self.config.ttl_s), name="coordinator"
+                ) as session:
+                    election = Election(
+                        self.client, self.keys.coordinator, session, self.config.identity
+                    )
+                    if election.campaign(self._stop):
+                        self._lead(session, election)
+                    if self._stop.is_set():
+                        election.resign()
+            except (EtcdUnavailable, LeaseLost, FenceFailed) as exc:
+                log.warning("coordinator: %s; campaigning again", exc)
+                self._stop.wait(0.2)
+            except (MalformedView, StaleView) as exc:
+                # not a crash loop: say what is wrong and how to mend it, then look again
+                log.error(
+                    "coordinator: cannot build on the committed view: %s. Write a valid view "
+                    "(see `eep inspect --json`) to %s; retrying in %.0f s",
+                    exc,
+                    self.keys.view,
+                    self.config.resync_s * 5,
+                )
+                self._stop.wait(self.config.resync_s * 5)
+            finally:
+                self.is_leader.clear()
+
+    def _lead(self, session: Session, election: Election) -> None:
+        self.is_leader.set()
+        revision = self.reconcile(election)
+        while not self._stop.is_set():
+            session.check()
+            try:
+                stream = self.client.watch(self.keys.slots, revision + 1, prefix=True)
+            except EtcdUnavailable:
+                self._stop.wait(0.2)
+                continue
+            try:
+                revision = self._follow(stream, session, election, revision)
+            except (WatchBroken, WatchCompacted, EtcdUnavailable) as exc:
+                log.info("coordinator: slot watch interrupted (%s); resyncing", exc)
+                self._stop.wait(0.1)
+                revision = self.reconcile(election)
+            finally:
+                stream.close()
+
+    def _follow(self, stream, session: Session, election: Election, revision: int) -> int:
+        last_sync = time.monotonic()
+        while not self._stop.is_set():
+            session.check()
+            batch = stream.get(min(0.25, self.config.resync_s))
+            if batch is not None:
+                revision = max(revision, batch.revision)
+                self._debounce(stream)
+            if batch is not None or time.monotonic() - last_sync >= self.config.resync_s:
+                revision = max(revision, self.reconcile(election))
+                last_sync = time.monotonic()
+        return revision
+
+    def _debounce(self, stream) -> None:
+        """Absorb the events that follow within ``debounce_s`` (bounded by max_debounce_s)."""
+        end = time.monotonic() + self.config.max_debounce_s
+        while True:
+            left = min(self.config.debounce_s, end - time.monotonic())
+            if left <= 0 or stream.get(left) is None:
+                return
+
+    def reconcile(self, election: Election) -> int:
+        """Commit the next view if the registrations call for one; returns the read revision."""
+        records, revision = read_slots(self.client, self.keys)
+
+        def decide(current: View | None) -> View | None:
+            members, removed, added = next_members(current, records)
+            if not removed and not added:
+                return None
+            reason = "; ".join(
+                part
+                for part in (
+                    f"removed {removed}" if removed else "",
+                    f"added {added}" if added else "",
+                )
+                if part
+            )
+            placement = self.planner(tuple(sorted(members)), current)
+            if current is None:
+                return View(
+                    epoch=1,
+                    members=tuple(sorted(members)),
+                    incarnations=tuple(members.items()),
+                    placement=placement,
+                    reason=reason,
+                )
+            return current.next(members, placement, reason)
+
+        result: CommitResult = commit_next(self.client, self.keys, decide, fence=election.fence())
+        if result.committed and result.view is not None:
+            self.commits += 1
+            log.info(
+                "committed epoch %d members %s (%s)",
+                result.view.epoch,
+                list(result.view.members),
+                result.view.reason,
+            )
+        return revision

@@ -1,0 +1,77 @@
+"""The etcd key schema, in one place (README.md shows it with `etcdctl` examples).
+
+| key                                   | writer                 | value                      |
+|---------------------------------------|------------------------|----------------------------|
+| /eep/<cluster>/config                 | launcher, once         | model and runtime config   |
+| /eep/<cluster>/slots/<slot>           | rank, lease-bound      | SlotRecord                 |
+| /eep/<cluster>/incarnations/<slot>    | rank, CAS              | last incarnation number    |
+| /eep/<cluster>/view                   | coordinator, CAS txn   | View                       |
+| /eep/<cluster>/views/<epoch:08d>      | same txn               | View (history)             |
+| /eep/<cluster>/coordinator            | coordinator, leased    | leader's identity          |
+| /eep/<cluster>/manifests/<slot>       | rank                   | weight arena layout        |
+| /eep/<cluster>/frontend               | front-end, leased      | address                    |
+"""
+
+from __future__ import annotations
+
+import re
+
+ROOT = "/eep"
+_CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class Keys:
+    """Key names of one cluster."""
+
+    def __init__(self, cluster: str):
+        if not _CLUSTER_RE.match(cluster):
+            raise ValueError(
+                f"cluster name {cluster!r} must be 1-63 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit."
+            )
+        self.cluster = cluster
+        self.prefix = f"{ROOT}/{cluster}/"
+
+    @property
+    def config(self) -> str:
+        return self.prefix + "config"
+
+    @property
+    def slots(self) -> str:
+        return self.prefix + "slots/"
+
+    def slot(self, slot: int) -> str:
+        return f"{self.slots}{slot}"
+
+    def incarnation(self, slot: int) -> str:
+        return f"{self.prefix}incarnations/{slot}"
+
+    @property
+    def view(self) -> str:
+        return self.prefix + "view"
+
+    @property
+    def views(self) -> str:
+        return self.prefix + "views/"
+
+    def view_at(self, epoch: int) -> str:
+        return f"{self.views}{epoch:08d}"
+
+    @property
+    def coordinator(self) -> str:
+        return self.prefix + "coordinator"
+
+    @property
+    def manifests(self) -> str:
+        return self.prefix + "manifests/"
+
+    def manifest(self, slot: int) -> str:
+        return f"{self.manifests}{slot}"
+
+    @property
+    def frontend(self) -> str:
+        return self.prefix + "frontend"
+
+    def slot_of(self, key: str) -> int:
+        """The slot number of a ``slots/<slot>`` key."""
+        return int(key[len(self.slots) :])

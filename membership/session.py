@@ -1,0 +1,178 @@
+"""A lease-backed session: the proof that a process still holds its slot.
+
+The session grants a lease and renews it every TTL/3 from a background thread, but only while
+the owner's progress probe keeps moving: a hung serving loop must lose its lease exactly like a
+dead process. The owner also gets a self-fence deadline on the monotonic clock,
+``last successful renewal (time sent) + TTL - margin``: past it, the lease may already be gone
+on the server, so the owner must act as if it were (``check()`` raises :class:`Fenced`).
+A renewal's clock starts when it is sent, and etcd only ever extends a lease (a leader change
+resets it to the full TTL), so the deadline is a safe lower bound of the server's expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import EtcdRequestError, EtcdUnavailable, Fenced, LeaseLost
+from .etcd import EtcdClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """``ttl_s``: lease TTL asked of etcd; ``margin_s``: fence this long before it runs out;
+    ``stall_s``: stop renewing when the progress probe has not moved for this long
+    (default: the TTL)."""
+
+    ttl_s: int = 3
+    margin_s: float = 0.3
+    stall_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ttl_s < 1:
+            raise ValueError(f"lease TTL must be at least 1 s, got {self.ttl_s}.")
+        if not 0 <= self.margin_s < self.ttl_s / 2:
+            raise ValueError(
+                f"fence margin {self.margin_s} s must be >= 0 and under half "
+                f"the TTL ({self.ttl_s} s)."
+            )
+
+
+class Session:
+    """One lease, renewed while ``progress()`` moves. Use as a context manager or
+    :meth:`open` / :meth:`close`.
+
+    ``done`` is set when the session ends for any reason (closed, lease lost, fenced);
+    ``loss`` then says why. ``progress`` returns any value that changes when the owner makes
+    progress (a step counter, a heartbeat); ``None`` means always renew.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        config: SessionConfig | None = None,
+        progress: Callable[[], object] | None = None,
+        name: str = "session",
+    ):
+        self.client = client
+        self.config = config or SessionConfig()
+        self.progress = progress
+        self.name = name
+        self.lease_id = 0
+        self.ttl_s = self.config.ttl_s
+        self.done = threading.Event()
+        self.loss: LeaseLost | None = None
+        self._stop = threading.Event()
+        self._last_renewal = 0.0
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> Session:
+        sent = time.monotonic()
+        self.lease_id, self.ttl_s = self.client.lease_grant(self.config.ttl_s)
+        self._last_renewal = sent
+        self._thread = threading.Thread(target=self._renew_loop, name=self.name, daemon=True)
+        self._thread.start()
+        log.debug("%s: lease %x granted, ttl %d s", self.name, self.lease_id, self.ttl_s)
+        return self
+
+    def close(self, revoke: bool = True) -> None:
+        """Stop renewing; with ``revoke``, delete the lease (and its keys) now."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.client.timeout_s + 1)
+        if revoke and self.lease_id and self.loss is None:
+            try:
+                self.client.lease_revoke(self.lease_id)
+            except (EtcdUnavailable, EtcdRequestError) as exc:
+                log.warning(
+                    "%s: revoking lease %x failed (%s); it expires in %d s",
+                    self.name,
+                    self.lease_id,
+                    exc,
+                    self.ttl_s,
+                )
+        self._end(None)
+
+    def __enter__(self) -> Session:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- fencing ---------------------------------------------------------------------------
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time after which the lease may be gone on the server."""
+        return self._last_renewal + self.ttl_s - self.config.margin_s
+
+    def alive(self) -> bool:
+        return not self.done.is_set() and time.monotonic() < self.deadline
+
+    def check(self) -> None:
+        """Raise unless the session provably still holds its lease. Call before every write
+        made on the slot's behalf."""
+        if self.loss is not None:
+            raise self.loss
+        if self.done.is_set():
+            raise LeaseLost(f"{self.name}: session closed")
+        if time.monotonic() >= self.deadline:
+            self._end(Fenced(f"{self.name}: no lease renewal for {self.ttl_s} s; fenced"))
+            raise self.loss  # type: ignore[misc]
+
+    def _end(self, loss: LeaseLost | None) -> None:
+        if self.done.is_set():
+            return
+        self.loss = loss
+        if loss is not None:
+            log.warning("%s: %s", self.name, loss)
+        self._stop.set()
+        self.done.set()
+
+    # --- renewal ---------------------------------------------------------------------------
+
+    def _renew_loop(self) -> None:
+        interval = self.ttl_s / 3
+        stall_s = self.config.stall_s if self.config.stall_s is not None else float(self.ttl_s)
+        last_seen = self.progress() if self.progress else None
+        last_change = time.monotonic()
+        wait = interval
+        while not self._stop.wait(wait):
+            now = time.monotonic()
+            if now >= self.deadline:
+                self._end(Fenced(f"{self.name}: lease {self.lease_id:x} not renewed in time"))
+                return
+            if self.progress is not None:
+                seen = self.progress()
+                if seen != last_seen:
+                    last_seen, last_change = seen, now
+                elif now - last_change > stall_s:
+                    log.warning(
+                        "%s: owner made no progress for %.1f s; not renewing",
+                        self.name,
+                        now - last_change,
+                    )
+                    wait = interval
+                    continue
+            wait = self._renew_once(now, interval)
+
+    def _renew_once(self, sent: float, interval: float) -> float:
+        """One keepalive; returns how long to wait before the next one."""
+        try:
+            ttl = self.client.lease_keepalive(self.lease_id)
+        except (EtcdUnavailable, EtcdRequestError) as exc:
+            # etcd restarting or unreachable: retry quickly until the fence deadline
+            log.info("%s: renewal failed (%s); retrying", self.name, exc.__class__.__name__)
+            return min(0.1, interval)
+        if ttl <= 0:
+            self._end(LeaseLost(f"{self.name}: lease {self.lease_id:x} expired or was revoked"))
+            return interval
+        self._last_renewal = sent
+        return interval

@@ -1,0 +1,48 @@
+"""Arguments every command shares, and the one place that reads ``EEP_*`` variables."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+from eep.membership.etcd import EtcdClient
+from eep.membership.keys import Keys
+
+ENV_ETCD = "EEP_ETCD"
+ENV_CLUSTER = "EEP_CLUSTER"
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--etcd",
+        default=env(ENV_ETCD, "127.0.0.1:2379"),
+        help="etcd endpoints, host:port[,host:port] (default: $EEP_ETCD or 127.0.0.1:2379)",
+    )
+    parser.add_argument(
+        "--cluster",
+        default=env(ENV_CLUSTER, "default"),
+        help="cluster name: keys live under /eep/<cluster>/ (default: $EEP_CLUSTER or 'default')",
+    )
+    parser.add_argument(
+        "--etcd-timeout", type=float, default=2.0, metavar="S", help="per-request timeout (s)"
+    )
+
+
+def connect(args: argparse.Namespace) -> tuple[EtcdClient, Keys]:
+    return EtcdClient(args.etcd, timeout_s=args.etcd_timeout), Keys(args.cluster)
+
+
+def load_callable(spec: str):
+    """``package.module:function`` -> the function (for pluggable planners)."""
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise SystemExit(f"--planner {spec!r} must be of the form package.module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"cannot load planner {spec!r}: {exc}") from exc

@@ -1,0 +1,63 @@
+"""``eep coordinator``: a membership coordinator process (leader-elected; run several)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from eep.membership.coordinator import Coordinator, CoordinatorConfig, keep_placement
+from eep.membership.errors import EtcdUnavailable
+
+from .common import add_etcd_arguments, connect, load_callable
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_etcd_arguments(parser)
+    parser.add_argument("--ttl", type=int, default=3, help="leadership lease TTL in s (default 3)")
+    parser.add_argument(
+        "--debounce",
+        type=float,
+        default=0.1,
+        metavar="S",
+        help="wait this long after a slot change to batch concurrent failures (default 0.1)",
+    )
+    parser.add_argument(
+        "--planner",
+        default=None,
+        metavar="MODULE:FUNC",
+        help="placement planner f(members, previous_view) -> JSON payload "
+        "(default: carry the placement over)",
+    )
+    parser.add_argument("--identity", default="", help="name shown as leader (default host:pid)")
+
+
+def run(args: argparse.Namespace) -> int:
+    client, keys = connect(args)
+    try:
+        client.revision()
+    except EtcdUnavailable as exc:
+        log.error("%s", exc)
+        return 2
+    planner = load_callable(args.planner) if args.planner else keep_placement
+    config = CoordinatorConfig(
+        ttl_s=args.ttl,
+        debounce_s=args.debounce,
+        max_debounce_s=max(0.5, args.debounce),
+        identity=args.identity,
+    )
+    coordinator = Coordinator(client, keys, planner, config)
+    stopped = threading.Event()
+
+    def _stop(signum, frame):
+        stopped.set()
+        coordinator.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("coordinator for cluster %r on etcd %s", keys.cluster, args.etcd)
+    coordinator.run()
+    return 0

@@ -1,0 +1,277 @@
+"""The one wrapper over the Mooncake Transfer Engine (``mooncake.engine.TransferEngine``).
+
+Nothing else in the project imports ``mooncake``. Every non-zero return code becomes a typed
+error naming the operation and the peer. Two ways to move bytes:
+
+- ``read_batch`` / ``write_batch``: one batched, synchronous call (bounded by the engine's own
+  timeout, ``TransferConfig.engine_timeout_s``);
+- ``submit`` / ``poll``: one asynchronous request at a time, so the executor keeps several in
+  flight per source, polls them with its own deadlines, and abandons a hung source at once.
+
+Findings that shaped this file (Mooncake 0.3.13, read from its Python binding and engine):
+``initialize(..., protocol, ...)`` picks only the *memory allocator* from ``protocol``; the
+transport actually installed comes from topology auto-discovery: RDMA when NICs are found,
+otherwise TCP, and the intra-host NVLink transport only when ``MC_INTRANODE_NVLINK`` is set.
+So ``nvlink_intra`` without that variable silently moves GPU memory over TCP through the
+host (the 1.7 GB/s of the first try). ``tcp`` likewise needs ``MC_FORCE_TCP`` on a machine with
+NICs. This wrapper sets both from the configured protocol and reports the installed transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .config import TransferConfig
+from .errors import EngineError, PeerUnreachable, TransferFailed
+
+log = logging.getLogger(__name__)
+
+
+class Op(Enum):
+    READ = "read"
+    WRITE = "write"
+
+
+class Poll(Enum):
+    PENDING = 0
+    DONE = 1
+    FAILED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One registered region as peers see it (a manifest's ``arenas`` entry).
+
+    ``addr``/``nbytes``: the holder's virtual address range; ``medium``: ``device`` or
+    ``host``; ``device``: ``cpu`` or ``cuda:N``; ``ipc``: for ``cuda_ipc``, the hex of the
+    region's CUDA IPC handle and its offset from the allocation base (``<hex>@<offset>``).
+    ``block_nbytes``: for KV arenas, the size of one block (0 elsewhere).
+    """
+
+    name: str
+    addr: int
+    nbytes: int
+    medium: str = "host"
+    device: str = "cpu"
+    ipc: str = ""
+    block_nbytes: int = 0
+
+    def contains(self, addr: int, nbytes: int) -> bool:
+        return self.addr <= addr and addr + nbytes <= self.addr + self.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRef:
+    """What a process needs to reach one peer: its session (``host:port``), protocol, host
+    identity and registered regions. ``holder`` names it in errors and logs."""
+
+    holder: str
+    session: str
+    protocol: str
+    host_id: str
+    regions: tuple[Region, ...] = ()
+    pid: int = 0
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One asynchronous request in flight."""
+
+    peer: PeerRef
+    op: Op
+    nbytes: int
+    handle: object = None
+    done: bool = False
+
+
+def _protocol_env(protocol: str) -> dict[str, str]:
+    if protocol == "tcp":
+        return {"MC_FORCE_TCP": "1"}
+    if protocol == "nvlink_intra":
+        return {"MC_INTRANODE_NVLINK": "1"}
+    return {}
+
+
+@dataclass
+class MooncakeTransport:
+    """A started Mooncake engine: ``session`` is what peers pass to reach it."""
+
+    config: TransferConfig
+    session: str = ""
+    _te: object = field(default=None, repr=False)
+    _registered: dict[int, int] = field(default_factory=dict, repr=False)
+    _reachable: set[str] = field(default_factory=set, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def start(cls, config: TransferConfig) -> MooncakeTransport:
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as exc:
+            raise EngineError(
+                "the Mooncake Transfer Engine is not installed: `pip install -e .[cpu]` "
+                "(mooncake-transfer-engine-non-cuda) on CPU machines, `.[cuda13]` on GPU ones."
+            ) from exc
+        if config.protocol == "cuda_ipc":
+            raise EngineError("protocol cuda_ipc is served by eep.transfer.ipc, not Mooncake.")
+        env = {"MC_TRANSFER_TIMEOUT": str(config.engine_timeout_s)}
+        env.update(_protocol_env(config.protocol))
+        if config.protocol == "tcp":
+            env.setdefault("MC_TCP_BIND_ADDRESS", os.environ.get("MC_TCP_BIND_ADDRESS", ""))
+            if not env["MC_TCP_BIND_ADDRESS"]:
+                env["MC_TCP_BIND_ADDRESS"] = config.hostname
+        # The binding reads these when the engine is built and initialised: set first.
+        os.environ.update(env)
+        self = cls(config=config)
+        te = TransferEngine()
+        rc = te.initialize(config.hostname, config.metadata_url, config.protocol,
+                           config.device_name)
+        if rc != 0:
+            raise EngineError(
+                f"Mooncake initialize(hostname={config.hostname!r}, metadata="
+                f"{config.metadata_url!r}, protocol={config.protocol!r}) returned {rc}. "
+                "Check that the hostname is an address of this machine and that the "
+                "metadata server (etcd) answers."
+            )
+        self._te = te
+        self.session = f"{config.hostname}:{te.get_rpc_port()}"
+        log.info("mooncake engine up: session %s protocol %s", self.session, config.protocol)
+        return self
+
+    # --- memory ----------------------------------------------------------------------------
+
+    def register(self, addr: int, nbytes: int, location: str) -> str:
+        """Register ``[addr, addr + nbytes)``; ``location`` is ``cpu:0`` or ``cuda:N``.
+        Returns the region's IPC descriptor (always empty here)."""
+        rc = self._te.register_memory(addr, nbytes, location)
+        if rc != 0:
+            raise EngineError(
+                f"register_memory(addr={addr:#x}, nbytes={nbytes}, location={location!r}) "
+                f"returned {rc}: the memory must stay allocated while registered, and GPU "
+                "memory needs the CUDA build of Mooncake."
+            )
+        self._registered[addr] = nbytes
+        return ""
+
+    def unregister(self, addr: int) -> None:
+        if self._registered.pop(addr, None) is None:
+            return
+        rc = self._te.unregister_memory(addr)
+        if rc != 0:
+            raise EngineError(f"unregister_memory(addr={addr:#x}) returned {rc}.")
+
+    # --- peers -----------------------------------------------------------------------------
+
+    def check_reachable(self, peer: PeerRef) -> None:
+        """Probe the peer once, bounded by ``connect_timeout_s``.
+
+        Needed because the engine's first contact with a peer (its metadata handshake) reads
+        with a fixed 60 s socket timeout while holding the engine's lock: a peer that is alive
+        but hung would stall every transfer of this process for a minute. The probe runs in a
+        daemon thread that holds no engine lock; a hung peer leaves only that thread waiting.
+        """
+        if peer.session in self._reachable:
+            return
+        result: list[int] = []
+        probe = threading.Thread(target=lambda: result.append(self._te.send_probe(peer.session)),
+                                 name=f"eep-probe-{peer.holder}", daemon=True)
+        probe.start()
+        probe.join(self.config.connect_timeout_s)
+        if not result or result[0] != 0:
+            what = (f"answered the probe with code {result[0]}" if result else
+                    f"did not answer a probe within {self.config.connect_timeout_s:.1f} s")
+            raise PeerUnreachable(
+                f"peer {peer.holder} at {peer.session} {what}: it has died, hangs, or its "
+                "manifest is stale. The executor re-plans around it; otherwise check the "
+                "holder process and the network between the two hosts.",
+                op="probe",
+                peer=peer.session,
+                holder=peer.holder,
+            )
+        with self._lock:
+            self._reachable.add(peer.session)
+
+    def forget(self, peer: PeerRef) -> None:
+        with self._lock:
+            self._reachable.discard(peer.session)
+
+    # --- batched synchronous transfers -----------------------------------------------------
+
+    def read_batch(self, peer: PeerRef, local: Sequence[int], remote: Sequence[int],
+                   lengths: Sequence[int]) -> None:
+        """Read ``lengths[i]`` bytes at the peer's ``remote[i]`` into local ``local[i]``."""
+        self._batch(Op.READ, peer, local, remote, lengths)
+
+    def write_batch(self, peer: PeerRef, local: Sequence[int], remote: Sequence[int],
+                    lengths: Sequence[int]) -> None:
+        """Write local ``local[i]`` to the peer's ``remote[i]`` (``lengths[i]`` bytes)."""
+        self._batch(Op.WRITE, peer, local, remote, lengths)
+
+    def _batch(self, op: Op, peer: PeerRef, local, remote, lengths) -> None:
+        if not (len(local) == len(remote) == len(lengths)):
+            raise ValueError("local, remote and lengths must have the same length.")
+        if not lengths:
+            return
+        self.check_reachable(peer)
+        fn = self._te.batch_transfer_sync_read if op is Op.READ else (
+            self._te.batch_transfer_sync_write)
+        rc = fn(peer.session, list(local), list(remote), list(lengths))
+        if rc != 0:
+            self.forget(peer)
+            raise TransferFailed(f"batch {op.value}", peer.session, rc,
+                                 f"{len(lengths)} requests, {sum(lengths)} bytes", peer.holder)
+
+    # --- asynchronous requests -------------------------------------------------------------
+
+    def submit(self, op: Op, peer: PeerRef, local: int, remote: int, nbytes: int) -> Ticket:
+        """Start one request; poll it with :meth:`poll`."""
+        self.check_reachable(peer)
+        fn = self._te.batch_transfer_async_read if op is Op.READ else (
+            self._te.batch_transfer_async_write)
+        batch_id = fn(peer.session, [local], [remote], [nbytes])
+        if not batch_id:
+            self.forget(peer)
+            raise TransferFailed(f"submit {op.value}", peer.session, -1,
+                                 f"{nbytes} bytes at {remote:#x}", peer.holder)
+        return Ticket(peer=peer, op=op, nbytes=nbytes, handle=batch_id)
+
+    def poll(self, ticket: Ticket) -> Poll:
+        """``DONE``, ``PENDING`` or ``FAILED``; a finished ticket is never polled again."""
+        if ticket.done:
+            return Poll.DONE
+        rc = self._te.transfer_check_status(ticket.handle)
+        if rc == 1:
+            ticket.done = True
+            return Poll.DONE
+        if rc == 0:
+            return Poll.PENDING
+        self.forget(ticket.peer)
+        return Poll.FAILED
+
+    def close(self) -> None:
+        for addr in list(self._registered):
+            try:
+                self.unregister(addr)
+            except EngineError as exc:
+                log.warning("closing engine %s: %s", self.session, exc)
+        self._te = None
+
+
+def start_transport(config: TransferConfig):
+    """The transport the config names: Mooncake for tcp/rdma/nvlink_intra, CUDA IPC else."""
+    if config.protocol == "cuda_ipc":
+        from .ipc import IpcTransport
+
+        return IpcTransport.start(config)
+    return MooncakeTransport.start(config)

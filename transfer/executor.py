@@ -1,0 +1,277 @@
+"""The executor: runs a transfer plan, verifies every tensor, re-plans around failures.
+
+One thread submits and polls; a small pool verifies checksums (and reads the checkpoint) as
+tensors complete, so verification overlaps the transfer. Each holder has up to
+``max_inflight`` requests of at most ``chunk_nbytes`` in flight; a request past its deadline
+marks its holder hung. A holder that fails (dead, unreachable, hung) is excluded and every
+tensor it had not delivered is re-planned onto the others; a tensor whose bytes fail the
+checksum is re-planned with that (holder, tensor) pair excluded.
+
+Hazard: an abandoned request to a hung holder cannot be cancelled in the engine, so its bytes
+may still land later, over a copy fetched elsewhere. Such tensors are verified once more at
+the end (and re-fetched if they changed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .arena import Arena, TensorSpec
+from .checksum import checksum
+from .checkpoint import Checkpoint
+from .config import TransferConfig
+from .engine import Op, Poll, Ticket
+from .errors import NoSource, PullTimeout, SourceFailed
+from .manifest import Manifest
+from .planner import DiskOp, ReadOp, TransferPlan, plan_pull
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PullReport:
+    """What a pull did: bytes and seconds, per-holder bytes, and every failure handled."""
+
+    nbytes: int = 0
+    seconds: float = 0.0
+    bytes_by_holder: dict[str, int] = field(default_factory=dict)
+    failed_holders: dict[str, str] = field(default_factory=dict)
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    from_disk: list[str] = field(default_factory=list)
+    replans: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class _Chunk:
+    read: ReadOp
+    start: int
+    nbytes: int
+
+
+@dataclass(slots=True)
+class _InFlight:
+    chunk: _Chunk
+    ticket: Ticket
+    deadline: float
+
+
+class Puller:
+    """Pulls tensors of a local ``arena`` from the holders in the manifests."""
+
+    def __init__(self, transport, arena: Arena, config: TransferConfig,
+                 progress: Progress | None = None) -> None:
+        self.transport, self.arena, self.config, self.progress = transport, arena, config, progress
+
+    def pull(self, manifests: Sequence[Manifest], names: Sequence[str] | None = None,
+             checkpoint: Checkpoint | None = None, exclude_holders: Sequence[str] = ()
+             ) -> PullReport:
+        """Fill ``names`` (default: the whole layout) of the arena, verified."""
+        specs = [self.arena.layout[n] for n in names] if names else list(self.arena.layout.specs)
+        run = _Run(self, list(manifests), specs, checkpoint, set(exclude_holders))
+        return run.go()
+
+
+class _Run:
+    """The state of one pull (see the module docstring)."""
+
+    def __init__(self, puller: Puller, manifests: list[Manifest], specs: list[TensorSpec],
+                 checkpoint: Checkpoint | None, excluded: set[str]) -> None:
+        self.p, self.cfg, self.tr = puller, puller.config, puller.transport
+        self.manifests = manifests
+        self.peers = {m.holder: m.peer for m in manifests}
+        self.specs = {s.name: s for s in specs}
+        self.checkpoint = checkpoint
+        self.excluded = excluded
+        self.report = PullReport(nbytes=sum(s.nbytes for s in specs))
+        self.queues: dict[str, deque[_Chunk]] = {}
+        self.inflight: dict[str, list[_InFlight]] = {}
+        self.owner: dict[str, ReadOp] = {}  # tensor -> the read now responsible for it
+        self.left: dict[str, int] = {}  # tensor -> chunks not yet landed
+        self.got: dict[str, int] = {}  # tensor -> bytes landed from its current read
+        self.verifying: dict[str, Future] = {}
+        self.disk_jobs: dict[str, Future] = {}
+        self.done: set[str] = set()
+        self.tainted: set[str] = set()
+        self.replan: set[str] = set()
+        self.landed = 0
+
+    # --- planning --------------------------------------------------------------------------
+
+    def _plan(self, names: Sequence[str]) -> None:
+        try:
+            plan = plan_pull(
+                [self.specs[n] for n in names], self.manifests, local_host=self.cfg.host_id,
+                checkpoint=self.checkpoint.names if self.checkpoint else (),
+                exclude_holders=self.excluded, exclude_pairs=self.report.corrupt,
+                remote_weight=self.cfg.remote_weight)
+        except NoSource as exc:
+            reasons = "; ".join(f"{h}: {r}" for h, r in self.report.failed_holders.items())
+            raise NoSource(exc.names, f"{exc} Failures: {reasons or 'none'}") from exc
+        self._enqueue(plan)
+
+    def _enqueue(self, plan: TransferPlan) -> None:
+        step = self.cfg.chunk_nbytes
+        for r in plan.reads:
+            self.owner[r.name] = r
+            self.left[r.name] = max(1, -(-r.nbytes // step))
+            self.got[r.name] = 0
+            q = self.queues.setdefault(r.holder, deque())
+            q.extend(_Chunk(r, s, min(step, r.nbytes - s)) for s in range(0, r.nbytes, step))
+            self.report.bytes_by_holder[r.holder] = (
+                self.report.bytes_by_holder.get(r.holder, 0) + r.nbytes)
+        for d in plan.disk:
+            self.owner.pop(d.name, None)
+            self.disk_jobs[d.name] = self.pool.submit(self._load_disk, d)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def go(self) -> PullReport:
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.pull_timeout_s
+        with ThreadPoolExecutor(self.cfg.verify_workers, thread_name_prefix="eep-verify") as pool:
+            self.pool = pool
+            self._plan(list(self.specs))
+            idle = 0
+            while len(self.done) < len(self.specs):
+                if time.monotonic() > deadline:
+                    raise PullTimeout(
+                        f"pull of {len(self.specs)} tensors did not finish within "
+                        f"{self.cfg.pull_timeout_s:.0f} s ({len(self.done)} done). Raise "
+                        "pull_timeout_s or check the holders' links.")
+                moved = self._submit() + self._poll() + self._collect()
+                if self.replan:
+                    names, self.replan = sorted(self.replan), set()
+                    self.report.replans += 1
+                    self._plan(names)
+                    moved += 1
+                if len(self.done) == len(self.specs) and self.tainted:
+                    moved += self._recheck_tainted()
+                idle = 0 if moved else min(idle + 1, 20)
+                if idle:
+                    time.sleep(0.0005 * idle)
+        self.report.seconds = time.monotonic() - t0
+        return self.report
+
+    def _submit(self) -> int:
+        n = 0
+        for holder, q in list(self.queues.items()):
+            flying = self.inflight.setdefault(holder, [])
+            while q and len(flying) < self.cfg.max_inflight and holder not in self.excluded:
+                c = q.popleft()
+                local = self.p.arena.addr + c.read.local_offset + c.start
+                try:
+                    t = self.tr.submit(Op.READ, self.peers[holder], local,
+                                       c.read.remote_addr + c.start, c.nbytes)
+                except SourceFailed as exc:
+                    q.appendleft(c)
+                    self._fail(holder, f"{exc.op}: {exc}")
+                    break
+                flying.append(_InFlight(c, t, time.monotonic() + self.cfg.deadline_s(c.nbytes)))
+                n += 1
+        return n
+
+    def _poll(self) -> int:
+        n, now = 0, time.monotonic()
+        for holder, flying in list(self.inflight.items()):
+            for f in list(flying):
+                state = self.tr.poll(f.ticket)
+                if state is Poll.DONE:
+                    flying.remove(f)
+                    self._landed(f.chunk)
+                    n += 1
+                elif state is Poll.FAILED:
+                    self._fail(holder, f"read of {f.chunk.nbytes} bytes failed")
+                    n += 1
+                    break
+                elif now > f.deadline:
+                    self._fail(holder, f"timed out: a {f.chunk.nbytes}-byte read took more "
+                               f"than {self.cfg.deadline_s(f.chunk.nbytes):.1f} s", hung=True)
+                    n += 1
+                    break
+        return n
+
+    def _landed(self, c: _Chunk) -> None:
+        name = c.read.name
+        if self.owner.get(name) is not c.read:
+            return  # a late chunk of a read that was re-planned
+        self.landed += c.nbytes
+        self.got[name] += c.nbytes
+        if self.p.progress:
+            self.p.progress(self.landed, self.report.nbytes)
+        self.left[name] -= 1
+        if self.left[name] == 0:
+            self.verifying[name] = self.pool.submit(self._verify, c.read)
+
+    def _verify(self, r: ReadOp) -> str:
+        return checksum(self.p.arena.bytes_of(self.specs[r.name]))
+
+    def _load_disk(self, d: DiskOp) -> None:
+        self.checkpoint.load_into(self.p.arena, self.specs[d.name])
+
+    def _collect(self) -> int:
+        n = 0
+        for name, fut in list(self.verifying.items()):
+            if not fut.done():
+                continue
+            del self.verifying[name]
+            r = self.owner[name]
+            actual = fut.result()
+            n += 1
+            if actual == r.checksum:
+                self.done.add(name)
+            else:
+                log.warning("tensor %s from holder %s: checksum %s, manifest says %s; "
+                            "fetching it elsewhere", name, r.holder, actual, r.checksum)
+                self.report.corrupt.append((r.holder, name))
+                self.landed -= self.got[name]
+                self.owner.pop(name)
+                self.replan.add(name)
+        for name, fut in list(self.disk_jobs.items()):
+            if fut.done():
+                del self.disk_jobs[name]
+                fut.result()  # CheckpointError propagates
+                self.report.from_disk.append(name)
+                self.done.add(name)
+                self.landed += self.specs[name].nbytes
+                if self.p.progress:
+                    self.p.progress(self.landed, self.report.nbytes)
+                n += 1
+        return n
+
+    def _fail(self, holder: str, reason: str, hung: bool = False) -> None:
+        """Exclude ``holder``; re-plan every tensor it has not delivered."""
+        log.warning("holder %s failed (%s); re-planning around it", holder, reason)
+        self.excluded.add(holder)
+        self.report.failed_holders[holder] = reason
+        for f in self.inflight.pop(holder, []):
+            if hung:
+                self.tainted.add(f.chunk.read.name)
+        self.queues.pop(holder, None)
+        for name, r in list(self.owner.items()):
+            if r.holder == holder and name not in self.done and name not in self.verifying:
+                self.landed -= self.got[name]
+                self.owner.pop(name)
+                self.replan.add(name)
+
+    def _recheck_tainted(self) -> int:
+        """Verify again the tensors an abandoned request might still have written over."""
+        names, self.tainted = sorted(self.tainted), set()
+        for name in names:
+            r = self.owner.get(name)
+            if r is not None and self._verify(r) != r.checksum:
+                self.done.discard(name)
+                self.report.corrupt.append((r.holder, name))
+                self.owner.pop(name)
+                self.replan.add(name)
+        return len(names)

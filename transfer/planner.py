@@ -1,0 +1,138 @@
+"""The transfer planner: pure, deterministic, no I/O.
+
+Given the tensors a slot wants (its local layout) and the live manifests, assign every
+tensor to one source, in tiers: a live rank that holds it on a device (GPU to GPU), else a
+host-memory backup holder, else the checkpoint on disk. Within a tier the bytes are spread
+over the holders to use their aggregate bandwidth: largest tensors first, each to the holder
+that would finish it earliest, where a holder on another host counts ``remote_weight`` times
+as fast as one on the same host (so same-host holders are preferred, but not to the point of
+leaving a remote one idle while they queue up).
+
+A tensor stays whole on one holder, so a checksum mismatch names one holder. The executor
+calls this again, with exclusions, whenever a holder dies, hangs, or sends bad bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from .arena import TensorSpec
+from .errors import LayoutMismatch, NoSource
+from .manifest import Manifest
+
+
+class Tier(Enum):
+    SAME_HOST = 0
+    OTHER_HOST = 1
+    BACKUP = 2
+    DISK = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOp:
+    """Read one tensor: ``nbytes`` at ``remote_addr`` of ``holder`` into ``local_offset``."""
+
+    name: str
+    holder: str
+    local_offset: int
+    remote_addr: int
+    nbytes: int
+    checksum: str
+    tier: Tier
+
+
+@dataclass(frozen=True, slots=True)
+class DiskOp:
+    """Load one tensor from the checkpoint into ``local_offset``."""
+
+    name: str
+    local_offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPlan:
+    reads: tuple[ReadOp, ...]
+    disk: tuple[DiskOp, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.reads) + sum(d.nbytes for d in self.disk)
+
+    def bytes_by_holder(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.reads:
+            out[r.holder] = out.get(r.holder, 0) + r.nbytes
+        if self.disk:
+            out["<disk>"] = sum(d.nbytes for d in self.disk)
+        return out
+
+    def by_holder(self) -> dict[str, list[ReadOp]]:
+        out: dict[str, list[ReadOp]] = {}
+        for r in self.reads:
+            out.setdefault(r.holder, []).append(r)
+        return out
+
+
+def _check_layouts(targets: Sequence[TensorSpec], manifests: Sequence[Manifest]) -> None:
+    for m in manifests:
+        for t in targets:
+            e = m.tensors.get(t.name)
+            if e is not None and not t.same_layout(e.spec(t.name)):
+                raise LayoutMismatch(
+                    f"holder {m.holder} has tensor {t.name!r} as {e.dtype}{list(e.shape)} "
+                    f"({e.nbytes} bytes) but the local layout wants {t.dtype}{list(t.shape)} "
+                    f"({t.nbytes} bytes): the processes were built from different models or "
+                    "configs. Restart the holder with the same model, or fix the local config.")
+
+
+def plan_pull(
+    targets: Sequence[TensorSpec],
+    manifests: Sequence[Manifest],
+    *,
+    local_host: str,
+    checkpoint: Collection[str] = (),
+    exclude_holders: Collection[str] = (),
+    exclude_pairs: Collection[tuple[str, str]] = (),
+    remote_weight: float = 0.25,
+) -> TransferPlan:
+    """Assign each of ``targets`` to a source (see the module docstring).
+
+    ``checkpoint``: names the checkpoint on disk holds. ``exclude_holders``: holders not to
+    use at all (dead, hung, or this slot's own stale manifest). ``exclude_pairs``:
+    ``(holder, tensor)`` pairs whose bytes failed their checksum. Raises
+    :class:`LayoutMismatch` when a usable holder describes a target differently, and
+    :class:`NoSource` when a target has no source in any tier.
+    """
+    usable = [m for m in manifests if m.holder not in set(exclude_holders)]
+    usable.sort(key=lambda m: m.holder)
+    _check_layouts(targets, usable)
+    bad = set(exclude_pairs)
+    load: dict[str, float] = {m.holder: 0.0 for m in usable}
+    weight = {m.holder: 1.0 if m.host_id == local_host else remote_weight for m in usable}
+    reads, disk, missing = [], [], []
+    on_disk = set(checkpoint)
+    for t in sorted(targets, key=lambda s: (-s.nbytes, s.name)):
+        holders = [m for m in usable if t.name in m.tensors and (m.holder, t.name) not in bad]
+        device = [m for m in holders if not m.is_backup]
+        tier_pool = device or [m for m in holders if m.is_backup]
+        if tier_pool:
+            best = min(tier_pool, key=lambda m: ((load[m.holder] + t.nbytes) / weight[m.holder],
+                                                 m.holder))
+            load[best.holder] += t.nbytes
+            tier = (Tier.BACKUP if best.is_backup else
+                    Tier.SAME_HOST if best.host_id == local_host else Tier.OTHER_HOST)
+            reads.append(ReadOp(t.name, best.holder, t.offset, best.remote_addr(t.name),
+                                t.nbytes, best.tensors[t.name].checksum, tier))
+        elif t.name in on_disk:
+            disk.append(DiskOp(t.name, t.offset, t.nbytes))
+        else:
+            missing.append(t.name)
+    if missing:
+        tried = (f"{len(usable)} live holder(s) {[m.holder for m in usable]}, "
+                 f"excluded {sorted(set(exclude_holders))}, "
+                 f"{len(bad)} corrupt copies, checkpoint with {len(on_disk)} tensors")
+        raise NoSource(sorted(missing), tried)
+    return TransferPlan(tuple(reads), tuple(disk))
