@@ -60,7 +60,9 @@ def _raise_when_last(done_ptr, flag_ptr, tag, raise_it, NUM_PROGRAMS: tl.constex
             tl.atomic_xchg(flag_ptr, tag, sem="release", scope="sys")
 
 
-@triton.jit
+# num_tokens changes every step: never specialise on it, or a peer's recompile mid-step
+# (seconds) would outlast the timeout.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _dispatch_send_kernel(
     x_ptr,
     topk_phy_ptr,
@@ -94,11 +96,7 @@ def _dispatch_send_kernel(
     h_block = tl.program_id(1)
     dst = phy_id // EXPERTS_PER_SLOT
     local_expert = phy_id % EXPERTS_PER_SLOT
-    dst_live = True
     num_flat = num_tokens * TOPK
-    if ELASTIC:
-        dst_live = tl.load(rank_mask_ptr + dst) != 0
-        num_flat = tl.where(dst_live, num_flat, 0)
     list_ptr = send_list_ptr + phy_id * MAX_TOKENS
 
     # Phase 1: the flat (t * K + k) entries routed to this physical expert, in order. Every
@@ -111,6 +109,12 @@ def _dispatch_send_kernel(
         pos = count + tl.cumsum(hit, axis=0) - 1
         tl.store(list_ptr + pos, offs, mask=hit != 0)
         count += tl.sum(hit, axis=0)
+    # The mask is read off the critical path (after the scan): routing never picks a dead
+    # slot, this only keeps a stray entry from reaching one.
+    dst_live = True
+    if ELASTIC:
+        dst_live = tl.load(rank_mask_ptr + dst) != 0
+        count = tl.where(dst_live, count, 0)
     tl.debug_barrier()
 
     # Phase 2: dense copy of the listed rows into the destination's receive region.
@@ -292,7 +296,7 @@ def _combine_send_kernel(
     _raise_when_last(combine_done_ptr + src, flag, tag, src_ok, EXPERTS_PER_SLOT * NUM_H_BLOCKS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _combine_reduce_kernel(
     buf_ptr,
     topk_phy_ptr,
@@ -320,17 +324,18 @@ def _combine_reduce_kernel(
         flat = tok * TOPK + k
         phy = tl.load(topk_phy_ptr + flat, mask=tok_mask, other=-1)
         ok = phy >= 0
-        if ELASTIC:
-            slot = phy // EXPERTS_PER_SLOT
-            alive = tl.load(rank_mask_ptr + slot, mask=ok, other=0) != 0
-            suspect = tl.load(suspect_ptr + slot, mask=ok, other=1) != 0
-            ok = ok & alive & (suspect == 0)
+        # rows load under `phy >= 0` alone, so the mask/suspect loads overlap with them
         w = tl.load(topk_weights_ptr + flat, mask=ok, other=0.0)
         row = tl.load(
             buf_ptr + flat[:, None].to(tl.int64) * hidden + cols[None, :],
             mask=ok[:, None] & col_mask[None, :],
             other=0.0,
         ).to(tl.float32)
+        if ELASTIC:
+            slot = phy // EXPERTS_PER_SLOT
+            alive = tl.load(rank_mask_ptr + slot, mask=ok, other=0) != 0
+            suspect = tl.load(suspect_ptr + slot, mask=ok, other=1) != 0
+            ok = ok & alive & (suspect == 0)
         if EXACT_ROUNDING:
             # One rounding per multiply and per add, as the reference does (no FMA).
             nxt = libdevice.add_rn(acc, libdevice.mul_rn(w[:, None] + tl.zeros_like(row), row))

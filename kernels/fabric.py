@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from eep.kernels import ep_comm_kernels as k
 from eep.kernels.config import EpConfig
 from eep.kernels.view import DeviceView

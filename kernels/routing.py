@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from eep.kernels.view import DeviceView
 
 _BLOCK_T = 16
@@ -66,7 +67,7 @@ def _select_replicas(
     return chosen
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "spread_offset"])
 def _route_kernel(
     logits_ptr,
     log2phy_ptr,
@@ -136,7 +137,7 @@ def _route_kernel(
     tl.store(topk_phy_ptr + out, phy, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "spread_offset"])
 def _map_replicas_kernel(
     topk_idx_ptr,
     log2phy_ptr,

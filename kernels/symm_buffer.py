@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from eep.kernels.config import EpConfig
 from eep.kernels.fabric import EpFabric, FabricLayout
 from eep.kernels.view import DeviceView

@@ -52,6 +52,7 @@ class CoordinatorConfig:
     max_debounce_s: float = 0.5
     resync_s: float = 1.0  # level-triggered re-check even when no event arrives
     identity: str = ""
+    initial_members: int = 1  # the first view waits for this many ready slots
 
     def __post_init__(self) -> None:
         if not 0 <= self.debounce_s <= self.max_debounce_s:
@@ -59,6 +60,20 @@ class CoordinatorConfig:
                 f"debounce {self.debounce_s} s must be >= 0 and <= max_debounce "
                 f"{self.max_debounce_s} s."
             )
+
+
+def resync_requests(current: View | None, records: dict[int, SlotRecord]) -> list[int]:
+    """Members that asked for a view newer than the committed one (data-plane suspicion that
+    no membership change has answered: a slow peer, not a dead one)."""
+    if current is None:
+        return []
+    return sorted(
+        s
+        for s in current.members
+        if s in records
+        and records[s].incarnation == current.incarnation(s)
+        and records[s].resync_epoch >= current.epoch
+    )
 
 
 def next_members(
@@ -172,13 +187,17 @@ class Coordinator:
 
         def decide(current: View | None) -> View | None:
             members, removed, added = next_members(current, records)
-            if not removed and not added:
+            resync = resync_requests(current, records)
+            if not removed and not added and not resync:
+                return None
+            if current is None and len(members) < self.config.initial_members:
                 return None
             reason = "; ".join(
                 part
                 for part in (
                     f"removed {removed}" if removed else "",
                     f"added {added}" if added else "",
+                    f"resync asked by {resync}" if resync and not (removed or added) else "",
                 )
                 if part
             )

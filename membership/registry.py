@@ -41,6 +41,8 @@ class SlotRecord:
     state: SlotState
     endpoints: dict[str, Any] = field(default_factory=dict)
     registered_at: float = 0.0
+    # data-plane suspicion: "I need a view newer than this epoch" (0: nothing asked)
+    resync_epoch: int = 0
 
     def to_json(self) -> str:
         obj = asdict(self)
@@ -158,9 +160,13 @@ class SlotRegistration:
         )
 
     def update(
-        self, state: SlotState | None = None, endpoints: dict[str, Any] | None = None
+        self,
+        state: SlotState | None = None,
+        endpoints: dict[str, Any] | None = None,
+        resync_epoch: int | None = None,
     ) -> SlotRecord:
-        """Rewrite the record (state, endpoints); raises :class:`LeaseLost` once fenced."""
+        """Rewrite the record (state, endpoints, a resync request); raises
+        :class:`LeaseLost` once fenced."""
         assert self.record is not None, "register() first"
         self.session.check()
         if endpoints is not None:
@@ -170,6 +176,7 @@ class SlotRegistration:
                 **asdict(self.record),
                 "state": state or self.record.state,
                 "endpoints": self.endpoints,
+                "resync_epoch": self.record.resync_epoch if resync_epoch is None else resync_epoch,
             }
         )
         key = self.keys.slot(self.slot)

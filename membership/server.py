@@ -61,6 +61,7 @@ class EtcdServer:
         if self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="eep-etcd-")
             self._own_dir = True
+        os.makedirs(self.data_dir, exist_ok=True)
         self.client_port = self.client_port or free_port()
         self.peer_port = self.peer_port or free_port()
         self.log_path = self.log_path or os.path.join(self.data_dir, "etcd.log")

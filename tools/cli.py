@@ -16,6 +16,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("coordinator", "run a membership coordinator (leader-elected) against etcd"),
     "inspect": ("inspect", "show members, the committed view and the view history"),
     "revoke": ("revoke", "revoke a slot's lease now (the supervisors' crash fast path)"),
+    "frontend": ("frontend", "the OpenAI-compatible HTTP front-end of a running cluster"),
+    "launch": ("launch", "start a cluster: etcd, coordinator, front-end and one rank per slot"),
     "demo": ("demo", "a local cluster with a rank killed and recovered; prints the timeline"),
 }
 _BENCHES: dict[str, tuple[str, str]] = {

@@ -28,9 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--planner",
         default=None,
-        metavar="MODULE:FUNC",
-        help="placement planner f(members, previous_view) -> JSON payload "
-        "(default: carry the placement over)",
+        metavar="MODULE:FACTORY",
+        help="placement planner factory f(etcd_client, keys) returning "
+        "planner(members, previous_view) -> JSON payload (default: carry the placement over; "
+        "the runtime's is eep.planner:from_cluster)",
+    )
+    parser.add_argument(
+        "--initial-members",
+        type=int,
+        default=1,
+        metavar="N",
+        help="commit the first view only once N slots are ready (default 1)",
     )
     parser.add_argument("--identity", default="", help="name shown as leader (default host:pid)")
 
@@ -42,12 +50,13 @@ def run(args: argparse.Namespace) -> int:
     except EtcdUnavailable as exc:
         log.error("%s", exc)
         return 2
-    planner = load_callable(args.planner) if args.planner else keep_placement
+    planner = load_callable(args.planner)(client, keys) if args.planner else keep_placement
     config = CoordinatorConfig(
         ttl_s=args.ttl,
         debounce_s=args.debounce,
         max_debounce_s=max(0.5, args.debounce),
         identity=args.identity,
+        initial_members=args.initial_members,
     )
     coordinator = Coordinator(client, keys, planner, config)
     stopped = threading.Event()

@@ -18,8 +18,18 @@ ALIGN = 256  # bytes: keeps every tensor aligned for vector loads and DMA
 _DTYPES = {
     name: getattr(torch, name)
     for name in (
-        "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32",
-        "int64", "bool", "float8_e4m3fn", "float8_e5m2",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
     )
     if hasattr(torch, name)
 }
@@ -49,7 +59,10 @@ class TensorSpec:
     def same_layout(self, other: TensorSpec) -> bool:
         """Same dtype, shape and size (the offset may differ between holders)."""
         return (self.dtype, tuple(self.shape), self.nbytes) == (
-            other.dtype, tuple(other.shape), other.nbytes)
+            other.dtype,
+            tuple(other.shape),
+            other.nbytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,24 +105,33 @@ class Arena:
     ``pin`` and CUDA is present). Register once with a transport, publish :attr:`region`.
     """
 
-    def __init__(self, name: str, layout: ArenaLayout, device: str | torch.device = "cpu",
-                 pin: bool = False, block_nbytes: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        layout: ArenaLayout,
+        device: str | torch.device = "cpu",
+        pin: bool = False,
+        block_nbytes: int = 0,
+    ) -> None:
         self.name, self.layout, self.block_nbytes = name, layout, block_nbytes
         self.device = torch.device(device)
         pin = pin and self.device.type == "cpu" and torch.cuda.is_available()
-        self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device,
-                                  pin_memory=pin)
+        self.buffer = torch.empty(
+            layout.nbytes, dtype=torch.uint8, device=self.device, pin_memory=pin
+        )
         self._transport = None
         self.ipc = ""
 
     @classmethod
-    def for_kv(cls, name: str, num_blocks: int, block_nbytes: int,
-               device: str | torch.device = "cpu") -> Arena:
+    def for_kv(
+        cls, name: str, num_blocks: int, block_nbytes: int, device: str | torch.device = "cpu"
+    ) -> Arena:
         """An arena of ``num_blocks`` KV blocks of ``block_nbytes`` each."""
         if num_blocks < 1 or block_nbytes < 1 or block_nbytes % ALIGN:
             raise ValueError(
                 f"a KV arena needs num_blocks >= 1 and block_nbytes a multiple of {ALIGN}; "
-                f"got {num_blocks} x {block_nbytes}.")
+                f"got {num_blocks} x {block_nbytes}."
+            )
         layout = ArenaLayout((), num_blocks * block_nbytes)
         return cls(name, layout, device, block_nbytes=block_nbytes)
 
@@ -132,8 +154,9 @@ class Arena:
     @property
     def region(self) -> Region:
         medium = "device" if self.device.type == "cuda" else "host"
-        return Region(self.name, self.addr, self.nbytes, medium, str(self.device), self.ipc,
-                      self.block_nbytes)
+        return Region(
+            self.name, self.addr, self.nbytes, medium, str(self.device), self.ipc, self.block_nbytes
+        )
 
     def bytes_of(self, spec: TensorSpec) -> torch.Tensor:
         """``[spec.nbytes]`` uint8 view of one tensor's bytes."""

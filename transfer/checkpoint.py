@@ -25,7 +25,8 @@ class Checkpoint:
         if not files or not all(f.is_file() for f in files):
             raise CheckpointError(
                 f"no safetensors checkpoint at {str(path)!r}: give a .safetensors file or a "
-                "directory holding them.")
+                "directory holding them."
+            )
         self.files: dict[str, Path] = {}
         for f in files:
             try:
@@ -53,7 +54,8 @@ class Checkpoint:
             raise CheckpointError(
                 f"checkpoint {path} has {spec.name!r} as {dtype_name(t.dtype)}{list(t.shape)}, "
                 f"the local layout wants {spec.dtype}{list(spec.shape)}: wrong checkpoint for "
-                "this model?")
+                "this model?"
+            )
         dst = arena.bytes_of(spec)
         dst.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=False)
 
@@ -62,5 +64,6 @@ def save_checkpoint(arena: Arena, path: str | os.PathLike) -> None:
     """Write every tensor of ``arena``'s layout to one safetensors file (tests, benches)."""
     from safetensors.torch import save_file
 
-    save_file({s.name: arena.view(s.name).cpu().contiguous() for s in arena.layout.specs},
-              str(path))
+    save_file(
+        {s.name: arena.view(s.name).cpu().contiguous() for s in arena.layout.specs}, str(path)
+    )

@@ -102,7 +102,13 @@ def _triton_kernel():
 
     @triton.jit
     def _checksum_kernel(
-        words_ptr, partial_ptr, n_words, k_weight, c_weight, BLOCK: tl.constexpr, ITERS: tl.constexpr
+        words_ptr,
+        partial_ptr,
+        n_words,
+        k_weight,
+        c_weight,
+        BLOCK: tl.constexpr,
+        ITERS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         base = pid.to(tl.int64) * (BLOCK * ITERS)

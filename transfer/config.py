@@ -24,7 +24,8 @@ class TransferConfig:
     Deadlines: connecting to a peer is bounded by ``connect_timeout_s``; one request of
     ``n`` bytes by ``op_timeout_s + n / min_bytes_per_s``; a whole pull by ``pull_timeout_s``.
     ``engine_timeout_s`` is the engine's own bound for its synchronous calls (Mooncake's
-    ``MC_TRANSFER_TIMEOUT``; it accepts no less than 5 s).
+    ``MC_TRANSFER_TIMEOUT``; it accepts no less than 5 s). ``engine_env``: extra Mooncake
+    variables applied last (an empty value unsets one); for diagnosis and tuning.
     """
 
     protocol: str = "tcp"
@@ -41,6 +42,7 @@ class TransferConfig:
     max_inflight: int = 4
     remote_weight: float = 0.25
     verify_workers: int = 2
+    engine_env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

@@ -131,12 +131,18 @@ class MooncakeTransport:
             env.setdefault("MC_TCP_BIND_ADDRESS", os.environ.get("MC_TCP_BIND_ADDRESS", ""))
             if not env["MC_TCP_BIND_ADDRESS"]:
                 env["MC_TCP_BIND_ADDRESS"] = config.hostname
+        env.update(dict(config.engine_env))
         # The binding reads these when the engine is built and initialised: set first.
-        os.environ.update(env)
+        for key, value in env.items():
+            if value:
+                os.environ[key] = value
+            else:
+                os.environ.pop(key, None)
         self = cls(config=config)
         te = TransferEngine()
-        rc = te.initialize(config.hostname, config.metadata_url, config.protocol,
-                           config.device_name)
+        rc = te.initialize(
+            config.hostname, config.metadata_url, config.protocol, config.device_name
+        )
         if rc != 0:
             raise EngineError(
                 f"Mooncake initialize(hostname={config.hostname!r}, metadata="
@@ -184,13 +190,19 @@ class MooncakeTransport:
         if peer.session in self._reachable:
             return
         result: list[int] = []
-        probe = threading.Thread(target=lambda: result.append(self._te.send_probe(peer.session)),
-                                 name=f"eep-probe-{peer.holder}", daemon=True)
+        probe = threading.Thread(
+            target=lambda: result.append(self._te.send_probe(peer.session)),
+            name=f"eep-probe-{peer.holder}",
+            daemon=True,
+        )
         probe.start()
         probe.join(self.config.connect_timeout_s)
         if not result or result[0] != 0:
-            what = (f"answered the probe with code {result[0]}" if result else
-                    f"did not answer a probe within {self.config.connect_timeout_s:.1f} s")
+            what = (
+                f"answered the probe with code {result[0]}"
+                if result
+                else f"did not answer a probe within {self.config.connect_timeout_s:.1f} s"
+            )
             raise PeerUnreachable(
                 f"peer {peer.holder} at {peer.session} {what}: it has died, hangs, or its "
                 "manifest is stale. The executor re-plans around it; otherwise check the "
@@ -208,13 +220,15 @@ class MooncakeTransport:
 
     # --- batched synchronous transfers -----------------------------------------------------
 
-    def read_batch(self, peer: PeerRef, local: Sequence[int], remote: Sequence[int],
-                   lengths: Sequence[int]) -> None:
+    def read_batch(
+        self, peer: PeerRef, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int]
+    ) -> None:
         """Read ``lengths[i]`` bytes at the peer's ``remote[i]`` into local ``local[i]``."""
         self._batch(Op.READ, peer, local, remote, lengths)
 
-    def write_batch(self, peer: PeerRef, local: Sequence[int], remote: Sequence[int],
-                    lengths: Sequence[int]) -> None:
+    def write_batch(
+        self, peer: PeerRef, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int]
+    ) -> None:
         """Write local ``local[i]`` to the peer's ``remote[i]`` (``lengths[i]`` bytes)."""
         self._batch(Op.WRITE, peer, local, remote, lengths)
 
@@ -224,26 +238,42 @@ class MooncakeTransport:
         if not lengths:
             return
         self.check_reachable(peer)
-        fn = self._te.batch_transfer_sync_read if op is Op.READ else (
-            self._te.batch_transfer_sync_write)
+        fn = (
+            self._te.batch_transfer_sync_read
+            if op is Op.READ
+            else (self._te.batch_transfer_sync_write)
+        )
         rc = fn(peer.session, list(local), list(remote), list(lengths))
         if rc != 0:
             self.forget(peer)
-            raise TransferFailed(f"batch {op.value}", peer.session, rc,
-                                 f"{len(lengths)} requests, {sum(lengths)} bytes", peer.holder)
+            raise TransferFailed(
+                f"batch {op.value}",
+                peer.session,
+                rc,
+                f"{len(lengths)} requests, {sum(lengths)} bytes",
+                peer.holder,
+            )
 
     # --- asynchronous requests -------------------------------------------------------------
 
     def submit(self, op: Op, peer: PeerRef, local: int, remote: int, nbytes: int) -> Ticket:
         """Start one request; poll it with :meth:`poll`."""
         self.check_reachable(peer)
-        fn = self._te.batch_transfer_async_read if op is Op.READ else (
-            self._te.batch_transfer_async_write)
+        fn = (
+            self._te.batch_transfer_async_read
+            if op is Op.READ
+            else (self._te.batch_transfer_async_write)
+        )
         batch_id = fn(peer.session, [local], [remote], [nbytes])
         if not batch_id:
             self.forget(peer)
-            raise TransferFailed(f"submit {op.value}", peer.session, -1,
-                                 f"{nbytes} bytes at {remote:#x}", peer.holder)
+            raise TransferFailed(
+                f"submit {op.value}",
+                peer.session,
+                -1,
+                f"{nbytes} bytes at {remote:#x}",
+                peer.holder,
+            )
         return Ticket(peer=peer, op=op, nbytes=nbytes, handle=batch_id)
 
     def poll(self, ticket: Ticket) -> Poll:

@@ -22,8 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .arena import Arena, TensorSpec
-from .checksum import checksum
 from .checkpoint import Checkpoint
+from .checksum import checksum
 from .config import TransferConfig
 from .engine import Op, Poll, Ticket
 from .errors import NoSource, PullTimeout, SourceFailed
@@ -69,13 +69,18 @@ class _InFlight:
 class Puller:
     """Pulls tensors of a local ``arena`` from the holders in the manifests."""
 
-    def __init__(self, transport, arena: Arena, config: TransferConfig,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self, transport, arena: Arena, config: TransferConfig, progress: Progress | None = None
+    ) -> None:
         self.transport, self.arena, self.config, self.progress = transport, arena, config, progress
 
-    def pull(self, manifests: Sequence[Manifest], names: Sequence[str] | None = None,
-             checkpoint: Checkpoint | None = None, exclude_holders: Sequence[str] = ()
-             ) -> PullReport:
+    def pull(
+        self,
+        manifests: Sequence[Manifest],
+        names: Sequence[str] | None = None,
+        checkpoint: Checkpoint | None = None,
+        exclude_holders: Sequence[str] = (),
+    ) -> PullReport:
         """Fill ``names`` (default: the whole layout) of the arena, verified."""
         specs = [self.arena.layout[n] for n in names] if names else list(self.arena.layout.specs)
         run = _Run(self, list(manifests), specs, checkpoint, set(exclude_holders))
@@ -85,8 +90,14 @@ class Puller:
 class _Run:
     """The state of one pull (see the module docstring)."""
 
-    def __init__(self, puller: Puller, manifests: list[Manifest], specs: list[TensorSpec],
-                 checkpoint: Checkpoint | None, excluded: set[str]) -> None:
+    def __init__(
+        self,
+        puller: Puller,
+        manifests: list[Manifest],
+        specs: list[TensorSpec],
+        checkpoint: Checkpoint | None,
+        excluded: set[str],
+    ) -> None:
         self.p, self.cfg, self.tr = puller, puller.config, puller.transport
         self.manifests = manifests
         self.peers = {m.holder: m.peer for m in manifests}
@@ -111,10 +122,14 @@ class _Run:
     def _plan(self, names: Sequence[str]) -> None:
         try:
             plan = plan_pull(
-                [self.specs[n] for n in names], self.manifests, local_host=self.cfg.host_id,
+                [self.specs[n] for n in names],
+                self.manifests,
+                local_host=self.cfg.host_id,
                 checkpoint=self.checkpoint.names if self.checkpoint else (),
-                exclude_holders=self.excluded, exclude_pairs=self.report.corrupt,
-                remote_weight=self.cfg.remote_weight)
+                exclude_holders=self.excluded,
+                exclude_pairs=self.report.corrupt,
+                remote_weight=self.cfg.remote_weight,
+            )
         except NoSource as exc:
             reasons = "; ".join(f"{h}: {r}" for h, r in self.report.failed_holders.items())
             raise NoSource(exc.names, f"{exc} Failures: {reasons or 'none'}") from exc
@@ -129,7 +144,8 @@ class _Run:
             q = self.queues.setdefault(r.holder, deque())
             q.extend(_Chunk(r, s, min(step, r.nbytes - s)) for s in range(0, r.nbytes, step))
             self.report.bytes_by_holder[r.holder] = (
-                self.report.bytes_by_holder.get(r.holder, 0) + r.nbytes)
+                self.report.bytes_by_holder.get(r.holder, 0) + r.nbytes
+            )
         for d in plan.disk:
             self.owner.pop(d.name, None)
             self.disk_jobs[d.name] = self.pool.submit(self._load_disk, d)
@@ -148,7 +164,8 @@ class _Run:
                     raise PullTimeout(
                         f"pull of {len(self.specs)} tensors did not finish within "
                         f"{self.cfg.pull_timeout_s:.0f} s ({len(self.done)} done). Raise "
-                        "pull_timeout_s or check the holders' links.")
+                        "pull_timeout_s or check the holders' links."
+                    )
                 moved = self._submit() + self._poll() + self._collect()
                 if self.replan:
                     names, self.replan = sorted(self.replan), set()
@@ -157,9 +174,11 @@ class _Run:
                     moved += 1
                 if len(self.done) == len(self.specs) and self.tainted:
                     moved += self._recheck_tainted()
-                idle = 0 if moved else min(idle + 1, 20)
+                # back off while nothing moves: 50 us doubling to 2 ms, so a GPU pipeline of
+                # millisecond requests is refilled promptly and CPU tests do not spin
+                idle = 0 if moved else min(idle + 1, 6)
                 if idle:
-                    time.sleep(0.0005 * idle)
+                    time.sleep(min(25e-6 * (1 << idle), 2e-3))
         self.report.seconds = time.monotonic() - t0
         return self.report
 
@@ -171,8 +190,9 @@ class _Run:
                 c = q.popleft()
                 local = self.p.arena.addr + c.read.local_offset + c.start
                 try:
-                    t = self.tr.submit(Op.READ, self.peers[holder], local,
-                                       c.read.remote_addr + c.start, c.nbytes)
+                    t = self.tr.submit(
+                        Op.READ, self.peers[holder], local, c.read.remote_addr + c.start, c.nbytes
+                    )
                 except SourceFailed as exc:
                     q.appendleft(c)
                     self._fail(holder, f"{exc.op}: {exc}")
@@ -195,8 +215,12 @@ class _Run:
                     n += 1
                     break
                 elif now > f.deadline:
-                    self._fail(holder, f"timed out: a {f.chunk.nbytes}-byte read took more "
-                               f"than {self.cfg.deadline_s(f.chunk.nbytes):.1f} s", hung=True)
+                    self._fail(
+                        holder,
+                        f"timed out: a {f.chunk.nbytes}-byte read took more "
+                        f"than {self.cfg.deadline_s(f.chunk.nbytes):.1f} s",
+                        hung=True,
+                    )
                     n += 1
                     break
         return n
@@ -231,8 +255,14 @@ class _Run:
             if actual == r.checksum:
                 self.done.add(name)
             else:
-                log.warning("tensor %s from holder %s: checksum %s, manifest says %s; "
-                            "fetching it elsewhere", name, r.holder, actual, r.checksum)
+                log.warning(
+                    "tensor %s from holder %s: checksum %s, manifest says %s; "
+                    "fetching it elsewhere",
+                    name,
+                    r.holder,
+                    actual,
+                    r.checksum,
+                )
                 self.report.corrupt.append((r.holder, name))
                 self.landed -= self.got[name]
                 self.owner.pop(name)

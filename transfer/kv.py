@@ -34,7 +34,8 @@ def _check_region(arena: Arena, region: Region, blocks: Sequence[int], peer: str
     if region.block_nbytes != arena.block_nbytes:
         raise LayoutMismatch(
             f"KV arena {region.name!r} of {peer} has {region.block_nbytes}-byte blocks, the "
-            f"local one {arena.block_nbytes}-byte blocks: both ranks must use one KV config.")
+            f"local one {arena.block_nbytes}-byte blocks: both ranks must use one KV config."
+        )
     n = region.nbytes // region.block_nbytes
     bad = [b for b in blocks if not 0 <= b < n]
     if bad:
@@ -52,8 +53,15 @@ def _runs(local: Sequence[int], remote: Sequence[int]) -> list[tuple[int, int, i
     return [tuple(r) for r in runs]
 
 
-def _move(transport, arena: Arena, peer: PeerRef, region_name: str, local_blocks, remote_blocks,
-          write: bool) -> None:
+def _move(
+    transport,
+    arena: Arena,
+    peer: PeerRef,
+    region_name: str,
+    local_blocks,
+    remote_blocks,
+    write: bool,
+) -> None:
     if len(local_blocks) != len(remote_blocks):
         raise ValueError("source and destination block lists differ in length.")
     region = peer.region(region_name)
@@ -74,21 +82,36 @@ def block_checksums(arena: Arena, blocks: Sequence[int]) -> tuple[str, ...]:
     return tuple(checksums([arena.block(b) for b in blocks]))
 
 
-def push_kv_blocks(transport, arena: Arena, src_blocks: Sequence[int], peer: PeerRef,
-                   region_name: str, dst_blocks: Sequence[int], src_holder: str = "") -> KVRecord:
+def push_kv_blocks(
+    transport,
+    arena: Arena,
+    src_blocks: Sequence[int],
+    peer: PeerRef,
+    region_name: str,
+    dst_blocks: Sequence[int],
+    src_holder: str = "",
+) -> KVRecord:
     """Write local ``src_blocks`` into ``dst_blocks`` of the peer's KV region."""
     sums = block_checksums(arena, src_blocks)
     _move(transport, arena, peer, region_name, src_blocks, dst_blocks, write=True)
     return KVRecord(src_holder, peer.holder, tuple(dst_blocks), sums, arena.block_nbytes)
 
 
-def pull_kv_blocks(transport, arena: Arena, dst_blocks: Sequence[int], peer: PeerRef,
-                   region_name: str, src_blocks: Sequence[int], expected: Sequence[str],
-                   dst_holder: str = "") -> KVRecord:
+def pull_kv_blocks(
+    transport,
+    arena: Arena,
+    dst_blocks: Sequence[int],
+    peer: PeerRef,
+    region_name: str,
+    src_blocks: Sequence[int],
+    expected: Sequence[str],
+    dst_holder: str = "",
+) -> KVRecord:
     """Read the peer's ``src_blocks`` into local ``dst_blocks`` and verify them."""
     _move(transport, arena, peer, region_name, dst_blocks, src_blocks, write=False)
-    record = KVRecord(peer.holder, dst_holder, tuple(dst_blocks), tuple(expected),
-                      arena.block_nbytes)
+    record = KVRecord(
+        peer.holder, dst_holder, tuple(dst_blocks), tuple(expected), arena.block_nbytes
+    )
     verify_kv_blocks(arena, record)
     return record
 
@@ -98,7 +121,8 @@ def verify_kv_blocks(arena: Arena, record: KVRecord) -> None:
     if record.block_nbytes != arena.block_nbytes:
         raise LayoutMismatch(
             f"KV record has {record.block_nbytes}-byte blocks, the arena "
-            f"{arena.block_nbytes}-byte blocks.")
+            f"{arena.block_nbytes}-byte blocks."
+        )
     actual = block_checksums(arena, record.dst_blocks)
     for b, want, got in zip(record.dst_blocks, record.checksums, actual, strict=True):
         if want != got:

@@ -66,8 +66,9 @@ class Manifest:
 
     @property
     def peer(self) -> PeerRef:
-        return PeerRef(self.holder, self.session, self.protocol, self.host_id, self.regions,
-                       self.pid)
+        return PeerRef(
+            self.holder, self.session, self.protocol, self.host_id, self.regions, self.pid
+        )
 
     @property
     def is_backup(self) -> bool:
@@ -83,13 +84,21 @@ class Manifest:
         return self.region(entry.region).addr + entry.offset
 
     def to_json(self) -> str:
-        return json.dumps({
-            "holder": self.holder, "slot": self.slot, "incarnation": self.incarnation,
-            "host_id": self.host_id, "pid": self.pid,
-            "endpoint": {"session": self.session, "protocol": self.protocol},
-            "regions": [asdict(r) for r in self.regions],
-            "tensors": {n: {**asdict(e), "shape": list(e.shape)} for n, e in self.tensors.items()},
-        }, separators=(",", ":"))
+        return json.dumps(
+            {
+                "holder": self.holder,
+                "slot": self.slot,
+                "incarnation": self.incarnation,
+                "host_id": self.host_id,
+                "pid": self.pid,
+                "endpoint": {"session": self.session, "protocol": self.protocol},
+                "regions": [asdict(r) for r in self.regions],
+                "tensors": {
+                    n: {**asdict(e), "shape": list(e.shape)} for n, e in self.tensors.items()
+                },
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str, where: str = "") -> Manifest:
@@ -99,16 +108,26 @@ class Manifest:
             names = {r.name for r in regions}
             tensors = {}
             for n, e in d["tensors"].items():
-                entry = ManifestEntry(e["region"], int(e["offset"]), int(e["nbytes"]),
-                                      e["dtype"], tuple(int(x) for x in e["shape"]),
-                                      e["checksum"])
+                entry = ManifestEntry(
+                    e["region"],
+                    int(e["offset"]),
+                    int(e["nbytes"]),
+                    e["dtype"],
+                    tuple(int(x) for x in e["shape"]),
+                    e["checksum"],
+                )
                 if entry.region not in names:
                     raise ValueError(f"tensor {n!r} names unknown region {entry.region!r}")
                 tensors[n] = entry
             return cls(
-                holder=str(d["holder"]), session=d["endpoint"]["session"],
-                protocol=d["endpoint"]["protocol"], host_id=d["host_id"], regions=regions,
-                tensors=tensors, slot=d.get("slot"), incarnation=int(d.get("incarnation", 0)),
+                holder=str(d["holder"]),
+                session=d["endpoint"]["session"],
+                protocol=d["endpoint"]["protocol"],
+                host_id=d["host_id"],
+                regions=regions,
+                tensors=tensors,
+                slot=d.get("slot"),
+                incarnation=int(d.get("incarnation", 0)),
                 pid=int(d.get("pid", 0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -118,20 +137,36 @@ class Manifest:
             ) from exc
 
 
-def build_manifest(holder: str, transport, arenas: Iterable[Arena], checksums: dict[str, str],
-                   host_id: str, slot: int | None = None, incarnation: int = 0,
-                   pid: int = 0) -> Manifest:
+def build_manifest(
+    holder: str,
+    transport,
+    arenas: Iterable[Arena],
+    checksums: dict[str, str],
+    host_id: str,
+    slot: int | None = None,
+    incarnation: int = 0,
+    pid: int = 0,
+) -> Manifest:
     """The manifest of registered ``arenas``; ``checksums`` maps each layout tensor to its
     checksum (see :func:`eep.transfer.checksum.checksums`)."""
     arenas = list(arenas)
     tensors = {}
     for arena in arenas:
         for s in arena.layout.specs:
-            tensors[s.name] = ManifestEntry(arena.name, s.offset, s.nbytes, s.dtype,
-                                            s.shape, checksums[s.name])
-    return Manifest(holder=holder, session=transport.session, protocol=transport.config.protocol,
-                    host_id=host_id, regions=tuple(a.region for a in arenas), tensors=tensors,
-                    slot=slot, incarnation=incarnation, pid=pid)
+            tensors[s.name] = ManifestEntry(
+                arena.name, s.offset, s.nbytes, s.dtype, s.shape, checksums[s.name]
+            )
+    return Manifest(
+        holder=holder,
+        session=transport.session,
+        protocol=transport.config.protocol,
+        host_id=host_id,
+        regions=tuple(a.region for a in arenas),
+        tensors=tensors,
+        slot=slot,
+        incarnation=incarnation,
+        pid=pid,
+    )
 
 
 class ManifestStore:
@@ -147,12 +182,12 @@ class ManifestStore:
         holder = str(holder)
         if holder.startswith(BACKUP_PREFIX) and len(holder) > len(BACKUP_PREFIX):
             return holder
-        if not holder.isdigit() or (self.num_slots is not None and
-                                    int(holder) >= self.num_slots):
+        if not holder.isdigit() or (self.num_slots is not None and int(holder) >= self.num_slots):
             bound = f"[0, {self.num_slots})" if self.num_slots is not None else "0, 1, ..."
             raise UnknownSlot(
                 f"slot {holder!r} is not a slot of cluster {self.keys.cluster!r} (slots are "
-                f"{bound}; backup holders are named 'backup-<name>'). Check the slot number.")
+                f"{bound}; backup holders are named 'backup-<name>'). Check the slot number."
+            )
         return holder
 
     def publish(self, manifest: Manifest, lease: int = 0) -> int:
@@ -174,7 +209,8 @@ class ManifestStore:
             raise MissingManifest(
                 f"no manifest of {holder} in cluster {self.keys.cluster!r} "
                 f"({self.key(holder)}): the holder has not published yet or has died. Wait "
-                "for it to register, or pull from another holder.")
+                "for it to register, or pull from another holder."
+            )
         return Manifest.from_json(kv.value, self.key(holder))
 
     def live(self) -> list[Manifest]:

@@ -85,7 +85,8 @@ def _check_layouts(targets: Sequence[TensorSpec], manifests: Sequence[Manifest])
                     f"holder {m.holder} has tensor {t.name!r} as {e.dtype}{list(e.shape)} "
                     f"({e.nbytes} bytes) but the local layout wants {t.dtype}{list(t.shape)} "
                     f"({t.nbytes} bytes): the processes were built from different models or "
-                    "configs. Restart the holder with the same model, or fix the local config.")
+                    "configs. Restart the holder with the same model, or fix the local config."
+                )
 
 
 def plan_pull(
@@ -119,20 +120,37 @@ def plan_pull(
         device = [m for m in holders if not m.is_backup]
         tier_pool = device or [m for m in holders if m.is_backup]
         if tier_pool:
-            best = min(tier_pool, key=lambda m: ((load[m.holder] + t.nbytes) / weight[m.holder],
-                                                 m.holder))
+            best = min(
+                tier_pool, key=lambda m: ((load[m.holder] + t.nbytes) / weight[m.holder], m.holder)
+            )
             load[best.holder] += t.nbytes
-            tier = (Tier.BACKUP if best.is_backup else
-                    Tier.SAME_HOST if best.host_id == local_host else Tier.OTHER_HOST)
-            reads.append(ReadOp(t.name, best.holder, t.offset, best.remote_addr(t.name),
-                                t.nbytes, best.tensors[t.name].checksum, tier))
+            tier = (
+                Tier.BACKUP
+                if best.is_backup
+                else Tier.SAME_HOST
+                if best.host_id == local_host
+                else Tier.OTHER_HOST
+            )
+            reads.append(
+                ReadOp(
+                    t.name,
+                    best.holder,
+                    t.offset,
+                    best.remote_addr(t.name),
+                    t.nbytes,
+                    best.tensors[t.name].checksum,
+                    tier,
+                )
+            )
         elif t.name in on_disk:
             disk.append(DiskOp(t.name, t.offset, t.nbytes))
         else:
             missing.append(t.name)
     if missing:
-        tried = (f"{len(usable)} live holder(s) {[m.holder for m in usable]}, "
-                 f"excluded {sorted(set(exclude_holders))}, "
-                 f"{len(bad)} corrupt copies, checkpoint with {len(on_disk)} tensors")
+        tried = (
+            f"{len(usable)} live holder(s) {[m.holder for m in usable]}, "
+            f"excluded {sorted(set(exclude_holders))}, "
+            f"{len(bad)} corrupt copies, checkpoint with {len(on_disk)} tensors"
+        )
         raise NoSource(sorted(missing), tried)
     return TransferPlan(tuple(reads), tuple(disk))

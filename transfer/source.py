@@ -79,13 +79,24 @@ def serve(spec: SourceSpec, conn) -> None:
         arenas.append(kv)
     for a in arenas:
         a.register(transport)
-    sums = dict(zip(arena.layout.names,
-                    checksums([arena.bytes_of(s) for s in arena.layout.specs]), strict=True))
+    sums = dict(
+        zip(
+            arena.layout.names,
+            checksums([arena.bytes_of(s) for s in arena.layout.specs]),
+            strict=True,
+        )
+    )
     etcd = EtcdClient(spec.etcd)
     store = ManifestStore(etcd, spec.cluster)
-    manifest = build_manifest(spec.holder, transport, arenas, sums, spec.config.host_id,
-                              slot=int(spec.holder) if spec.holder.isdigit() else None,
-                              pid=os.getpid())
+    manifest = build_manifest(
+        spec.holder,
+        transport,
+        arenas,
+        sums,
+        spec.config.host_id,
+        slot=int(spec.holder) if spec.holder.isdigit() else None,
+        pid=os.getpid(),
+    )
     store.publish(manifest)
     for name in spec.corrupt:  # bit rot after publishing: the manifest keeps the good checksum
         arena.bytes_of(arena.layout[name])[:64].bitwise_not_()
@@ -113,8 +124,14 @@ def _answer(conn, spec: SourceSpec, transport, arena: Arena, kv: Arena | None, s
                 conn.send(("ok", block_checksums(kv, args[0])))
             elif cmd == "kv_push":  # (dst holder, src blocks, dst blocks)
                 peer = store.get(args[0]).peer
-                conn.send(("ok", push_kv_blocks(transport, kv, args[1], peer, "kv", args[2],
-                                                src_holder=spec.holder)))
+                conn.send(
+                    (
+                        "ok",
+                        push_kv_blocks(
+                            transport, kv, args[1], peer, "kv", args[2], src_holder=spec.holder
+                        ),
+                    )
+                )
             elif cmd == "kv_verify":  # (record)
                 verify_kv_blocks(kv, args[0])
                 conn.send(("ok", block_checksums(kv, args[0].dst_blocks)))
@@ -126,8 +143,9 @@ def _answer(conn, spec: SourceSpec, transport, arena: Arena, kv: Arena | None, s
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def spec_tensors(num: int, nbytes: int, prefix: str = "experts") -> Sequence[
-        tuple[str, str, tuple[int, ...]]]:
+def spec_tensors(
+    num: int, nbytes: int, prefix: str = "experts"
+) -> Sequence[tuple[str, str, tuple[int, ...]]]:
     """``num`` bf16 tensors of about ``nbytes`` each (rows of 1024 elements)."""
     rows = max(1, nbytes // 2048)
     return tuple((f"{prefix}.{i}.w", "bfloat16", (rows, 1024)) for i in range(num))

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 from _ep_inputs import make_inputs
+
 from eep.kernels import reference as ref
 from eep.kernels.config import EpConfig
 from eep.kernels.grouped_gemm import grouped_swiglu
@@ -22,7 +23,14 @@ from eep.kernels.view import DeviceView
 PER_SLOT, TOPK = 4, 4
 
 
-def _setup(rank: int, world: int, hidden: int, max_tokens: int, timeout_us: int = 200_000):
+def _setup(
+    rank: int,
+    world: int,
+    hidden: int,
+    max_tokens: int,
+    timeout_us: int = 200_000,
+    placement: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device(rank))
     cfg = EpConfig(
@@ -34,14 +42,27 @@ def _setup(rank: int, world: int, hidden: int, max_tokens: int, timeout_us: int 
         timeout_us=timeout_us,
     )
     experts = world * PER_SLOT
-    view = DeviceView.create(
-        torch.ones(world),
-        torch.arange(experts)[:, None],
-        torch.ones(experts),
-        epoch=1,
-        device=f"cuda:{rank}",
-    )
-    return cfg, SymmEpBuffer(cfg, view)
+    log2phy, count = placement or (torch.arange(experts)[:, None], torch.ones(experts))
+    view = DeviceView.create(torch.ones(world), log2phy, count, epoch=0, device=f"cuda:{rank}")
+    buf = SymmEpBuffer(cfg, view)
+    _warm_up(buf)
+    return cfg, buf
+
+
+def _warm_up(buf: SymmEpBuffer) -> None:
+    """One step at epoch 0 compiles the kernels on every rank (ranks compile at different
+    speeds, so this step may time out); the tests then run at epoch >= 1, where the warm-up's
+    flags are stale and never match."""
+    dev = buf.buf.device
+    x = torch.randn(1, buf.cfg.hidden, device=dev).to(buf.cfg.dtype)
+    phy = torch.arange(buf.cfg.topk, dtype=torch.int32, device=dev)[None, :]
+    w = torch.rand(1, buf.cfg.topk, device=dev)
+    recv_x, handle = buf.dispatch(x, phy, w)
+    buf.combine(recv_x, handle)
+    torch.cuda.synchronize()
+    dist.barrier(device_ids=[dev.index])
+    buf.view.epoch.fill_(1)
+    buf.set_step(0)
 
 
 def _exchange(buf: SymmEpBuffer, seed: int, tokens: list[int], ranks: list[int], errors: list):
@@ -150,8 +171,6 @@ def graph_worker(rank: int, world: int):
     """routing + dispatch + grouped GEMM + combine in one CUDA graph; the view is then changed
     in place (a slot masked, replicas reordered and dropped) and the replay follows it."""
     hidden, inter, tokens, experts, reps = 256, 128, 48, 12, 2
-    cfg, buf = _setup(rank, world, hidden, tokens)
-    dev = buf.buf.device
     gen = torch.Generator().manual_seed(77)
     w13_log = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
     w2_log = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
@@ -163,7 +182,8 @@ def graph_worker(rank: int, world: int):
         log2phy[e, count[e]] = p
         count[e] += 1
     mask = torch.ones(world, dtype=torch.int32)
-    buf.view.update_(mask, log2phy, count, 1)
+    cfg, buf = _setup(rank, world, hidden, tokens, placement=(log2phy, count))
+    dev = buf.buf.device
     mine = phy2log[rank * PER_SLOT : (rank + 1) * PER_SLOT]
     w13 = w13_log[mine].to(cfg.dtype).to(dev)
     w2 = w2_log[mine].to(cfg.dtype).to(dev)
@@ -188,7 +208,13 @@ def graph_worker(rank: int, world: int):
         buf.combine(y, handle, out=out)
         return r
 
-    step()  # compile and warm up (a real exchange)
+    route(logits, buf.view, topk=TOPK, experts_per_slot=PER_SLOT, spread_offset=rank)
+    grouped_swiglu(
+        buf.recv_x.view(-1, tokens, hidden), group_m, w13, w2, groups_per_expert=world, out=y
+    )
+    torch.cuda.synchronize()
+    dist.barrier(device_ids=[rank])
+    step()  # warm up (a real exchange)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

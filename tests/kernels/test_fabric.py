@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _ep_inputs import make_inputs
+
 from eep.kernels import reference as ref
 from eep.kernels.config import EpConfig
 from eep.kernels.ep_comm_kernels import STATUS_NEWER_EPOCH, STATUS_TIMEOUT

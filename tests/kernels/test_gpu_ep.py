@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from eep.kernels import reference as ref
 from eep.kernels.ep_comm_kernels import STATUS_TIMEOUT
 

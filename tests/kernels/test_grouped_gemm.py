@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from eep.kernels import reference as ref
 from eep.kernels.grouped_gemm import grouped_swiglu
 

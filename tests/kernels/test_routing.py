@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _placement import random_placement
+
 from eep.kernels import reference as ref
 from eep.kernels.routing import RoutingResult, map_to_physical, route
 from eep.kernels.view import DeviceView

@@ -46,7 +46,8 @@ def test_malformed_manifest_is_skipped_by_live_and_refused_by_get(etcd, cluster)
 
 
 def test_manifest_that_does_not_match_the_local_layout_is_refused(
-        holders, transport, etcd, cluster):
+    holders, transport, etcd, cluster
+):
     theirs = spec_tensors(2, 1 * MiB)
     ours = [(n, "float32", shape) for n, _, shape in theirs]  # same names, other dtype
     a = holders.start("0", theirs)
@@ -59,8 +60,10 @@ def test_manifest_that_does_not_match_the_local_layout_is_refused(
 def _fake_manifest(session: str, tensors) -> Manifest:
     layout = ArenaLayout.pack(tensors)
     region = Region("experts", 1 << 40, layout.nbytes)
-    entries = {s.name: ManifestEntry("experts", s.offset, s.nbytes, s.dtype, s.shape, "w64-0")
-               for s in layout.specs}
+    entries = {
+        s.name: ManifestEntry("experts", s.offset, s.nbytes, s.dtype, s.shape, "w64-0")
+        for s in layout.specs
+    }
     return Manifest("3", session, "tcp", "testhost", (region,), entries, slot=3)
 
 
@@ -95,8 +98,9 @@ def test_engine_read_from_a_dead_peer_names_operation_and_peer(transport):
         arena.unregister()
 
 
-def test_engine_read_outside_the_peers_regions_is_a_transfer_error(holders, transport, etcd,
-                                                                   cluster):
+def test_engine_read_outside_the_peers_regions_is_a_transfer_error(
+    holders, transport, etcd, cluster
+):
     a = holders.start("0", spec_tensors(1, 1 * MiB))
     holders.wait_ready(a)
     peer = ManifestStore(etcd, cluster).get(0).peer

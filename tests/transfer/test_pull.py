@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 
-import pytest
 import torch
 
 from eep.transfer.arena import Arena, ArenaLayout
@@ -74,7 +73,8 @@ def test_pull_completes_from_other_replica_when_source_is_sigkilled_midway(
 
 
 def test_pull_rides_out_a_source_that_hangs_midway_by_its_deadline(
-        holders, transport, etcd, cluster):
+    holders, transport, etcd, cluster
+):
     tensors = spec_tensors(32, 2 * MiB)
     a, b = holders.start("0", tensors), holders.start("1", tensors)
     holders.wait_ready(a, b)
@@ -89,7 +89,8 @@ def test_pull_rides_out_a_source_that_hangs_midway_by_its_deadline(
 
     try:
         report = Puller(transport, arena, tcp_config(op_timeout_s=1.0), progress).pull(
-            ManifestStore(etcd, cluster).live())
+            ManifestStore(etcd, cluster).live()
+        )
     finally:
         arena.unregister()
     assert stopped

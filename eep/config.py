@@ -1,0 +1,61 @@
+"""The runtime configuration of one cluster: written to ``/eep/<cluster>/config`` by the
+launcher, read from there by every supervisor, worker and the front-end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
+_FABRICS = ("shm", "symm", "nccl")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    cluster: str
+    model_path: str
+    num_slots: int
+    experts_per_slot: int
+    device: str = "cpu"  # "cpu" or "cuda" (each slot takes cuda:<slot % device_count>)
+    dtype: str = "float32"
+    fabric: str = "shm"
+    ttl_s: int = 3
+    exchange_timeout_s: float = 2.0
+    max_tokens_per_step: int = 64
+    kv_blocks: int = 256
+    block_size: int = 16
+    model_name: str = "eep"
+    elastic: bool = True  # False: the fixed-membership baseline
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1 or self.experts_per_slot < 1:
+            raise ValueError(
+                f"num_slots ({self.num_slots}) and experts_per_slot ({self.experts_per_slot}) "
+                "must be >= 1."
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} must be one of {_DTYPES}.")
+        if self.fabric not in _FABRICS:
+            raise ValueError(f"fabric {self.fabric!r} must be one of {_FABRICS}.")
+        if self.ttl_s < 1 or self.exchange_timeout_s <= 0:
+            raise ValueError("ttl_s must be >= 1 and exchange_timeout_s > 0.")
+        if self.max_tokens_per_step < 1 or self.kv_blocks < 1 or self.block_size < 1:
+            raise ValueError("max_tokens_per_step, kv_blocks and block_size must be >= 1.")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> RuntimeConfig:
+        obj = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        unknown = set(obj) - known
+        if unknown:
+            raise ValueError(f"runtime config has unknown fields {sorted(unknown)}.")
+        return cls(**obj)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)

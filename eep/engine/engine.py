@@ -1,0 +1,126 @@
+"""One engine step: attention for this rank's own requests, MoE through the executor.
+
+A step either completes on every layer or raises (a fabric that lost a peer raises
+``ExchangeFailed``); only a completed step advances sequences, so a straddling step leaves
+no trace but KV entries that the re-run overwrites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eep.model.qwen3_moe import Qwen3MoeModel
+
+from .attention import attend
+from .kv_cache import KVCache, KVCacheConfig
+from .moe_exec import LocalMoE, MoEExecutor
+from .sampling import sample
+from .sequence import FinishReason, Scheduled, Scheduler, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    request_id: str
+    index: int  # position in the request's outputs
+    token: int
+    finished: FinishReason | None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Qwen3MoeModel,
+        kv_blocks: int = 256,
+        block_size: int = 16,
+        max_tokens_per_step: int = 64,
+        moe: MoEExecutor | None = None,
+    ):
+        cfg = model.config
+        self.model = model
+        device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        self.device = device
+        kv_cfg = KVCacheConfig(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv_blocks, block_size
+        )
+        self.kv = KVCache(kv_cfg, dtype, device)
+        self.scheduler = Scheduler(self.kv, max_tokens_per_step)
+        self.moe: MoEExecutor = moe or LocalMoE()
+        self.steps = 0
+
+    def add(self, seq: Sequence) -> None:
+        if seq.max_len > self.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id}: {len(seq.prompt)} prompt tokens + max_tokens "
+                f"{seq.params.max_tokens} exceed the KV cache ({self.max_model_len} tokens)."
+            )
+        self.scheduler.add(seq)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.kv.cfg.num_blocks * self.kv.cfg.block_size
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Run one step (possibly with zero tokens: every live slot joins every exchange)."""
+        batch = self.scheduler.schedule()
+        ids, positions = self._inputs(batch)
+        h = self.model.embed(ids)
+        for idx, layer in enumerate(self.model.layers):
+            h = h + self._attention(idx, layer, layer.input_layernorm(h), positions, batch)
+            x = layer.post_attention_layernorm(h)
+            h = h + (self.moe(idx, layer.moe, x) if layer.is_moe else layer.mlp(x))
+        self.steps += 1
+        return self._commit(batch, h)
+
+    def _inputs(self, batch: list[Scheduled]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, positions = [], []
+        for s in batch:
+            ids.extend(s.seq.tokens[s.start : s.start + s.count])
+            positions.extend(range(s.start, s.start + s.count))
+        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)
+        return as_long(ids), as_long(positions)
+
+    def _attention(self, idx, layer, x, positions, batch) -> torch.Tensor:
+        attn = layer.self_attn
+        q, k, v = attn.qkv(x, positions)
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        at = 0
+        for s in batch:
+            span = slice(at, at + s.count)
+            self.kv.write(idx, s.seq.table, positions[span], k[span], v[span])
+            keys, values = self.kv.read(idx, s.seq.table, s.start + s.count)
+            out[span] = attend(q[span], keys, values, s.start)
+            at += s.count
+        return attn.out(out)
+
+    def _commit(self, batch: list[Scheduled], h: torch.Tensor) -> list[TokenEvent]:
+        ends = torch.tensor([0] + [s.count for s in batch]).cumsum(0)[1:] - 1
+        sampling = [i for i, s in enumerate(batch) if s.samples]
+        logits = self.model.final(h[ends[sampling]]) if sampling else None
+        events = []
+        for s in batch:
+            s.seq.num_computed += s.count
+        for row, i in enumerate(sampling):
+            seq = batch[i].seq
+            token = sample(logits[row], seq.params, len(seq.outputs))
+            seq.outputs.append(token)
+            if token in seq.params.stop_token_ids:
+                seq.finished = FinishReason.STOP
+            elif len(seq.outputs) >= seq.params.max_tokens:
+                seq.finished = FinishReason.LENGTH
+            events.append(TokenEvent(seq.request_id, len(seq.outputs) - 1, token, seq.finished))
+            if seq.finished:
+                self.scheduler.retire(seq)
+        return events
+
+    def run_to_completion(self, max_steps: int = 100_000) -> dict[str, list[int]]:
+        """Step until no work is left (single-process use): ``{request_id: outputs}``."""
+        outputs: dict[str, list[int]] = {}
+        for _ in range(max_steps):
+            if not self.scheduler.has_work():
+                return outputs
+            for event in self.step():
+                outputs.setdefault(event.request_id, []).append(event.token)
+        raise RuntimeError(f"requests still running after {max_steps} steps")

@@ -1,0 +1,85 @@
+"""A paged KV cache in one arena tensor.
+
+The arena is ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V),
+one contiguous tensor so the transfer service can register it once and move a request's
+blocks with a handful of operations. A request owns a block table (a list of block ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class KVCacheFull(RuntimeError):
+    """No free blocks: the scheduler must wait for requests to finish."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheConfig:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int = 256
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KVCacheConfig.{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class BlockTable:
+    blocks: list[int] = field(default_factory=list)
+
+
+class KVCache:
+    def __init__(self, cfg: KVCacheConfig, dtype: torch.dtype, device: torch.device | str):
+        self.cfg = cfg
+        shape = (cfg.num_layers, 2, cfg.num_blocks, cfg.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.arena = torch.zeros(shape, dtype=dtype, device=device)
+        self._free = list(range(cfg.num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.cfg.block_size)
+
+    def reserve(self, table: BlockTable, num_tokens: int) -> None:
+        """Grow ``table`` to hold ``num_tokens`` positions."""
+        need = self.blocks_for(num_tokens) - len(table.blocks)
+        if need > len(self._free):
+            raise KVCacheFull(f"need {need} blocks, {len(self._free)} free")
+        for _ in range(max(0, need)):
+            table.blocks.append(self._free.pop())
+
+    def release(self, table: BlockTable) -> None:
+        self._free.extend(reversed(table.blocks))
+        table.blocks.clear()
+
+    def _slots(self, table: BlockTable, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        blocks = torch.tensor(table.blocks, dtype=torch.long, device=positions.device)
+        return blocks[positions // self.cfg.block_size], positions % self.cfg.block_size
+
+    def write(
+        self,
+        layer: int,
+        table: BlockTable,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Store ``k``/``v`` ``[n, n_kv, D]`` at ``positions`` ``[n]`` of the request."""
+        block, offset = self._slots(table, positions)
+        self.arena[layer, 0, block, offset] = k.to(self.arena.dtype)
+        self.arena[layer, 1, block, offset] = v.to(self.arena.dtype)
+
+    def read(self, layer: int, table: BlockTable, length: int) -> tuple[torch.Tensor, ...]:
+        """K and V ``[length, n_kv, D]`` of the request's first ``length`` positions."""
+        positions = torch.arange(length, device=self.arena.device)
+        block, offset = self._slots(table, positions)
+        return self.arena[layer, 0, block, offset], self.arena[layer, 1, block, offset]

@@ -1,0 +1,62 @@
+"""How an MoE layer reaches its experts: all local, or through a fabric.
+
+Both paths combine the same way (``weighted_sum``: the top-k outputs summed in ``k`` order),
+so a multi-rank run and a single-process run differ only in where each expert ran.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from eep.kernels.reference import select_replicas_ref
+from eep.model.moe import MoEBlock
+
+
+def weighted_sum(per_k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``per_k`` ``[T * K, H]`` expert outputs, ``weights`` ``[T, K]`` -> ``[T, H]``."""
+    k = weights.shape[1]
+    return (per_k.view(-1, k, per_k.shape[-1]) * weights.to(per_k.dtype).unsqueeze(-1)).sum(1)
+
+
+def run_experts(moe: MoEBlock, x: torch.Tensor, local_idx: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` ``[N, H]`` through local expert ``local_idx[n]`` -> ``[N, H]``."""
+    y = torch.empty_like(x)
+    for idx in torch.unique(local_idx).tolist():
+        rows = (local_idx == idx).nonzero().view(-1)
+        y[rows] = moe.expert_forward(x[rows], idx)
+    return y
+
+
+class MoEExecutor(Protocol):
+    def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalMoE:
+    """Every expert on this process (the single-process reference path)."""
+
+    def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, weights = moe.route(x)
+        local = moe.log2local[topk_ids].reshape(-1)
+        tokens = torch.arange(x.shape[0]).repeat_interleave(topk_ids.shape[1])
+        return weighted_sum(run_experts(moe, x[tokens], local), weights)
+
+
+class FabricMoE:
+    """Experts spread over slots: route to live physical replicas, dispatch, run the local
+    experts on what arrived, combine. ``view`` supplies ``log2phy``, ``replica_count``,
+    ``rank_mask`` and ``experts_per_slot`` of the view being served."""
+
+    def __init__(self, fabric, view):
+        self.fabric, self.view = fabric, view
+
+    def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, weights = moe.route(x)
+        v = self.view
+        phy = select_replicas_ref(
+            topk_ids, v.log2phy, v.replica_count, v.rank_mask, v.experts_per_slot
+        )
+        recv, handle = self.fabric.dispatch(x, phy, weights)
+        y = run_experts(moe, recv.x.to(x.dtype), recv.local_expert)
+        return self.fabric.combine(y, handle).to(x.dtype)

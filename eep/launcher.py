@@ -1,0 +1,181 @@
+"""Starting and stopping a whole cluster on this host (``eep launch``, the demo, the tests).
+
+Processes: an etcd (embedded unless one is given), the coordinator, the front-end, and one
+torchrun agent per slot (``--nproc-per-node 1 --max-restarts N``) running the slot supervisor,
+so a crash restarts that slot alone. Everything is stopped by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from eep.config import RuntimeConfig
+from eep.fabrics.shm import remove_segments
+from eep.membership.etcd import EtcdClient
+from eep.membership.keys import Keys
+from eep.membership.server import EtcdServer
+from eep.membership.watcher import ViewWatcher
+from eep.rank.status import status_path
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """The cluster did not come up; the message names the log to read."""
+
+
+@dataclass
+class ClusterOptions:
+    runtime: RuntimeConfig
+    etcd: str | None = None  # None: start an embedded etcd
+    http_port: int = 0
+    torchrun: bool = True
+    max_restarts: int = 3  # torchrun's restarts of a supervisor
+    log_dir: str | None = None
+
+
+@dataclass
+class Cluster:
+    opts: ClusterOptions
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    etcd_server: EtcdServer | None = None
+    workdir: str = ""
+    url: str = ""
+
+    @property
+    def cfg(self) -> RuntimeConfig:
+        return self.opts.runtime
+
+    def start(self, timeout_s: float = 120.0) -> Cluster:
+        self.workdir = self.opts.log_dir or tempfile.mkdtemp(prefix="eep-cluster-")
+        os.makedirs(self.workdir, exist_ok=True)
+        if self.opts.etcd is None:
+            self.etcd_server = EtcdServer(data_dir=os.path.join(self.workdir, "etcd")).start()
+        self.endpoint = self.opts.etcd or self.etcd_server.endpoint
+        self.client, self.keys = EtcdClient(self.endpoint), Keys(self.cfg.cluster)
+        self.client.delete(self.keys.prefix, prefix=True)  # a fresh cluster: no stale views
+        self.client.put(self.keys.config, self.cfg.to_json())
+        remove_segments(self.cfg.cluster)
+        self.watcher = ViewWatcher(self.client, self.keys).start()
+        self._spawn(
+            "coordinator",
+            "eep.tools.cli",
+            "coordinator",
+            "--ttl",
+            str(self.cfg.ttl_s),
+            "--planner",
+            "eep.planner:from_cluster",
+            "--initial-members",
+            str(self.cfg.num_slots),
+        )
+        self._spawn("frontend", "eep.tools.cli", "frontend", "--port", str(self.opts.http_port))
+        for slot in range(self.cfg.num_slots):
+            self.start_slot(slot)
+        self.wait_ready(timeout_s)
+        return self
+
+    def _spawn(self, name: str, module: str, *args: str, prefix: list[str] | None = None):
+        out = open(os.path.join(self.workdir, f"{name}.log"), "ab")  # noqa: SIM115
+        cmd = [
+            *(prefix or [sys.executable, "-m"]),
+            module,
+            *args,
+            "--etcd",
+            self.endpoint,
+            "--cluster",
+            self.cfg.cluster,
+        ]
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self.procs[name]
+
+    def start_slot(self, slot: int) -> None:
+        args = ["--slot", str(slot), "--ttl", str(self.cfg.ttl_s), "--log-dir", self.workdir]
+        if self.opts.torchrun:
+            prefix = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "1",
+                "--max-restarts",
+                str(self.opts.max_restarts),
+                "--standalone",
+                "--monitor-interval",
+                "0.5",
+                "-m",
+            ]
+            self._spawn(f"slot{slot}", "eep.rank", *args, prefix=prefix)
+        else:
+            self._spawn(f"slot{slot}", "eep.rank", *args)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until every slot is in the view and the front-end answers."""
+        full = self.watcher.wait_for(lambda v: len(v.members) == self.cfg.num_slots, timeout_s)
+        if full is None:
+            self._fail(f"not every slot joined within {timeout_s} s")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            kv = self.client.get(self.keys.frontend)
+            if kv is not None:
+                http = kv.json()["http"]
+                self.url = f"http://{http['host']}:{http['port']}"
+                return
+            time.sleep(0.1)
+        self._fail("the front-end did not register")
+
+    def _fail(self, what: str) -> None:
+        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        self.stop()
+        raise LaunchError(
+            f"cluster {self.cfg.cluster}: {what}; exited: {dead}; logs in {self.workdir}"
+        )
+
+    def worker_pid(self, slot: int) -> int | None:
+        kv = self.client.get(self.keys.slot(slot))
+        return json.loads(kv.value)["endpoints"].get("pid") if kv else None
+
+    def stop(self) -> None:
+        if hasattr(self, "watcher"):
+            self.watcher.stop()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop on SIGTERM; killing it", name)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if self.etcd_server is not None:
+            self.etcd_server.stop()
+        remove_segments(self.cfg.cluster)
+        for slot in range(self.cfg.num_slots):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(status_path(self.cfg.cluster, slot))
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.opts.log_dir is None and self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

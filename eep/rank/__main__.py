@@ -1,0 +1,7 @@
+"""``python -m eep.rank``: the slot supervisor (what torchrun starts, one per slot)."""
+
+import sys
+
+from eep.tools.rank_cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""The slot supervisor: owns the slot's etcd session and runs the worker under it.
+
+It imports no torch and starts in well under a second, so torchrun restarts it cheaply. For
+each incarnation it grants a lease, registers ``joining``, starts the worker, and then:
+- renews the lease only while the worker's progress counter moves (a hung worker loses the
+  lease like a dead one), and publishes the fence deadline to the worker;
+- marks the slot ``ready`` when the worker says it is;
+- the moment the worker exits, revokes the lease (a crash is seen in milliseconds);
+- when the session ends (fenced, lease lost), kills the worker;
+then starts the next incarnation. A worker whose supervisor dies exits too (parent-death
+signal in the worker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from eep.membership.errors import LeaseLost, MembershipError
+from eep.membership.etcd import EtcdClient
+from eep.membership.keys import Keys
+from eep.membership.registry import SlotRegistration, SlotState
+from eep.membership.session import Session, SessionConfig
+
+from .status import StatusBlock, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorConfig:
+    etcd: str
+    cluster: str
+    slot: int
+    ttl_s: int = 3
+    max_restarts: int = 100
+    device: str = "cpu"
+    log_dir: str | None = None
+    wait_slot_s: float = 30.0
+    startup_timeout_s: float = 600.0  # loading weights and warming up do not move progress
+
+
+class Supervisor:
+    def __init__(self, cfg: SupervisorConfig):
+        self.cfg = cfg
+        self.client = EtcdClient(cfg.etcd)
+        self.keys = Keys(cfg.cluster)
+        self.status = StatusBlock(cfg.cluster, cfg.slot, create=True)
+        self.stop = threading.Event()
+        self.worker: subprocess.Popen | None = None
+
+    def run(self) -> int:
+        restarts = 0
+        while not self.stop.is_set():
+            code = self.run_incarnation()
+            if self.stop.is_set():
+                return 0
+            restarts += 1
+            if restarts > self.cfg.max_restarts:
+                log.error("slot %d: %d worker restarts; giving up", self.cfg.slot, restarts - 1)
+                return 1
+            log.warning(
+                "slot %d: worker ended (%s); starting incarnation %d",
+                self.cfg.slot,
+                code,
+                restarts + 1,
+            )
+        return 0
+
+    def run_incarnation(self) -> str:
+        ttl = SessionConfig(ttl_s=self.cfg.ttl_s)
+        session = Session(
+            self.client, ttl, progress=self._progress_probe(), name=f"slot {self.cfg.slot}"
+        ).open()
+        reg = SlotRegistration(self.client, self.keys, session, self.cfg.slot, self.cfg.device)
+        try:
+            record = reg.register(wait_s=self.cfg.wait_slot_s)
+            self.status.reset(record.incarnation)
+            self.status.set("fence_deadline", session.deadline)
+            self.worker = self._spawn(record.incarnation)
+            return self._watch(session, reg)
+        except LeaseLost as exc:
+            return f"lease lost: {exc}"
+        except MembershipError as exc:
+            log.error("slot %d: %s", self.cfg.slot, exc)
+            time.sleep(0.5)
+            return f"membership error: {exc}"
+        finally:
+            self._end(session)
+
+    def _progress_probe(self):
+        """What the session watches: the worker's counter once it serves; until then (loading
+        weights, warming up: nothing to count) the clock, up to ``startup_timeout_s``."""
+        started = time.monotonic()
+
+        def probe() -> float:
+            if self.status.get("state") == WorkerState.READY:
+                return self.status.get("progress")
+            if time.monotonic() - started < self.cfg.startup_timeout_s:
+                return time.monotonic()
+            return -1.0  # stuck starting up: stop renewing
+
+        return probe
+
+    def _spawn(self, incarnation: int) -> subprocess.Popen:
+        out = None
+        if self.cfg.log_dir:
+            path = os.path.join(self.cfg.log_dir, f"worker{self.cfg.slot}.{incarnation}.log")
+            out = open(path, "ab")  # noqa: SIM115 (the child owns it)
+        args = {
+            "etcd": self.cfg.etcd,
+            "cluster": self.cfg.cluster,
+            "slot": self.cfg.slot,
+            "incarnation": incarnation,
+        }
+        return subprocess.Popen(
+            [sys.executable, "-m", "eep.rank.worker", json.dumps(args)],
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
+
+    def _watch(self, session: Session, reg: SlotRegistration) -> str:
+        ready, resync_sent = False, 0
+        while not self.stop.is_set():
+            code = self.worker.poll()
+            if code is not None:
+                return f"worker exited with {code}"
+            if session.done.wait(0.02):
+                return f"session ended: {session.loss}"
+            self.status.set("fence_deadline", session.deadline)
+            if not ready and self.status.get("state") == WorkerState.READY:
+                reg.update(SlotState.READY, endpoints={"pid": self.worker.pid})
+                ready = True
+                log.info("slot %d: incarnation %d ready", self.cfg.slot, reg.record.incarnation)
+            resync = self.status.get("resync_epoch")
+            if resync > resync_sent:
+                reg.update(resync_epoch=resync)
+                resync_sent = resync
+        return "stopped"
+
+    def _end(self, session: Session) -> None:
+        """Revoke first (survivors stop waiting on this slot), then make sure the worker is gone."""
+        self.status.set("fence_deadline", 0.0)
+        session.close(revoke=True)
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGKILL)
+        if self.worker is not None:
+            self.worker.wait(timeout=30)
+        self.worker = None
+
+
+def main(cfg: SupervisorConfig) -> int:
+    sup = Supervisor(cfg)
+
+    def _stop(signum, frame):
+        sup.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        return sup.run()
+    finally:
+        sup.status.close(unlink=True)

@@ -1,0 +1,294 @@
+"""The worker of one slot: loads its experts, joins the fabric, serves the committed view.
+
+Started by the slot supervisor as ``python -m eep.rank.worker '<json>'`` (etcd, cluster, slot,
+incarnation); everything else comes from ``/eep/<cluster>/config``. The loop:
+1. heartbeat (the supervisor renews the lease only while it moves) and check the fence
+   deadline the supervisor publishes: past it, this process may already be excluded, so it
+   exits without emitting anything more;
+2. at the step boundary, apply the newest committed view (fabric, view tensors);
+3. take new requests from the front-end and run one engine step (every live slot steps,
+   with zero tokens if idle, because every exchange needs every live slot);
+4. a step whose exchange failed is discarded: wait for a newer view (a peer died: the
+   supervisor's revoke or the lease expiry brings one), and if none comes within
+   TTL + 1 s, ask for one (the peer was slow, not dead); then re-run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+
+import torch
+
+from eep.config import RuntimeConfig
+from eep.engine.engine import Engine, TokenEvent
+from eep.engine.moe_exec import FabricMoE
+from eep.engine.sampling import SamplingParams
+from eep.engine.sequence import Sequence
+from eep.fabrics.base import ExchangeFailed, FabricConfig
+from eep.fabrics.shm import ShmFabric
+from eep.membership.etcd import EtcdClient
+from eep.membership.keys import Keys
+from eep.membership.view import View
+from eep.membership.watcher import ViewWatcher
+from eep.model.qwen3_moe import load_model
+from eep.placement import initial_placement
+from eep.view_state import ViewState
+from eep.wire import encode, recv_frame
+
+from .status import StatusBlock, WorkerState
+
+log = logging.getLogger("eep.rank.worker")
+EXIT_FENCED = 3
+
+
+class FrontendLink:
+    """The worker's connection to the front-end: requests in (a queue), tokens out."""
+
+    def __init__(self, client: EtcdClient, keys: Keys, slot: int, incarnation: int):
+        self.client, self.keys, self.slot, self.incarnation = client, keys, slot, incarnation
+        self.inbox: queue.Queue[dict] = queue.Queue()
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        threading.Thread(target=self._run, name="frontend-link", daemon=True).start()
+
+    def _address(self) -> tuple[str, int] | None:
+        kv = self.client.get(self.keys.frontend)
+        if kv is None:
+            return None
+        addr = kv.json()["ranks"]
+        return addr["host"], int(addr["port"])
+
+    def _run(self) -> None:
+        while True:
+            try:
+                addr = self._address()
+                if addr is None:
+                    time.sleep(0.2)
+                    continue
+                sock = socket.create_connection(addr, timeout=5)
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with self._lock:
+                    self._sock = sock
+                self.send({"type": "hello", "slot": self.slot, "incarnation": self.incarnation})
+                self.connected.set()
+                while (msg := recv_frame(sock)) is not None:
+                    self.inbox.put(msg)
+            except OSError as exc:
+                log.warning("slot %d: front-end link: %s; reconnecting", self.slot, exc)
+            except Exception as exc:  # etcd errors, bad frames: keep the link alive
+                log.warning("slot %d: front-end link error %r; reconnecting", self.slot, exc)
+            self.connected.clear()
+            with self._lock:
+                self._sock = None
+            time.sleep(0.2)
+
+    def send(self, msg: dict) -> None:
+        data = encode(msg)
+        with self._lock:
+            if self._sock is None:
+                raise ConnectionError("front-end not connected")
+            self._sock.sendall(data)
+
+    def send_tokens(self, events: list[TokenEvent]) -> None:
+        if events:
+            rows = [
+                [e.request_id, e.index, e.token, e.finished.value if e.finished else None]
+                for e in events
+            ]
+            self.send({"type": "tokens", "slot": self.slot, "events": rows})
+
+
+class Worker:
+    def __init__(self, etcd: str, cluster: str, slot: int, incarnation: int):
+        self.slot, self.incarnation = slot, incarnation
+        self.client, self.keys = EtcdClient(etcd), Keys(cluster)
+        kv = self.client.get(self.keys.config)
+        if kv is None:
+            raise SystemExit(f"no runtime config at {self.keys.config}; start with `eep launch`")
+        self.cfg = RuntimeConfig.from_json(kv.value)
+        self.status = StatusBlock(cluster, slot)
+        self.watcher = ViewWatcher(self.client, self.keys).start()
+        self.engine = self._build()
+        self.link = FrontendLink(self.client, self.keys, slot, incarnation)
+        self.serving_epoch = 0
+
+    def _ctx(self) -> str:
+        return f"slot {self.slot} inc {self.incarnation} epoch {self.serving_epoch}"
+
+    def _build(self) -> Engine:
+        cfg = self.cfg
+        device = (
+            cfg.device if cfg.device == "cpu" else f"cuda:{self.slot % torch.cuda.device_count()}"
+        )
+        from eep.model.config import ModelConfig
+
+        model_cfg = ModelConfig.from_dir(cfg.model_path)
+        placement = initial_placement(model_cfg.num_experts, cfg.num_slots, cfg.experts_per_slot)
+        eps = cfg.experts_per_slot
+        local = materialised(placement.slot_experts(self.slot), model_cfg.num_experts)
+        self.device = device
+        model = load_model(cfg.model_path, local, device=device, dtype=cfg.torch_dtype)
+        self.view_state = ViewState(
+            cfg.num_slots, eps, model_cfg.num_experts, max(placement.replica_count), device
+        )
+        fabric_cfg = FabricConfig(
+            cfg.num_slots,
+            eps,
+            model_cfg.hidden_size,
+            model_cfg.num_experts_per_tok,
+            cfg.max_tokens_per_step,
+            cfg.torch_dtype,
+            cfg.exchange_timeout_s,
+        )
+        self.fabric = ShmFabric(
+            cfg.cluster, self.slot, self.incarnation, fabric_cfg, newest_epoch=self._newest_epoch
+        )
+        return Engine(
+            model,
+            cfg.kv_blocks,
+            cfg.block_size,
+            cfg.max_tokens_per_step,
+            moe=FabricMoE(self.fabric, self.view_state),
+        )
+
+    def _newest_epoch(self) -> int:
+        latest = self.watcher.latest
+        return latest.epoch if latest else 0
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self.link.connected.wait(timeout=60)
+        self.status.set("state", WorkerState.READY)
+        log.info("%s: ready", self._ctx())
+        while True:
+            self.heartbeat()
+            view = self.watcher.latest
+            if view is not None and view.epoch > self.serving_epoch:
+                self.apply(view)
+            if not self.serving_epoch:
+                time.sleep(0.01)
+                continue
+            self.take_requests()
+            try:
+                events = self.engine.step()
+            except ExchangeFailed as exc:
+                log.warning("%s: step discarded: %s", self._ctx(), exc)
+                self.await_newer_view(exc.epoch)
+                continue
+            self.emit(events)
+            if not self.engine.scheduler.has_work():
+                time.sleep(0.002)  # idle, but every live slot must keep joining exchanges
+
+    def heartbeat(self) -> None:
+        self.status.bump()
+        if time.monotonic() >= self.status.get("fence_deadline"):
+            log.error("%s: past the fence deadline; exiting without another token", self._ctx())
+            os._exit(EXIT_FENCED)
+
+    def apply(self, view: View) -> None:
+        if view.incarnation(self.slot) != self.incarnation:
+            if self.serving_epoch:
+                log.error("%s: view %d excludes this incarnation; fencing", self._ctx(), view.epoch)
+                os._exit(EXIT_FENCED)
+            return  # not admitted yet
+        self.view_state.apply(view)
+        wanted = materialised(
+            self.view_state.local_experts(self.slot), self.engine.model.config.num_experts
+        )
+        if wanted != self.engine.model.local_experts:
+            self.reload_experts(wanted)
+        self.fabric.apply_view(view.epoch, dict(view.incarnations))
+        self.serving_epoch = view.epoch
+        self.status.set("epoch", view.epoch)
+        log.info("%s: serving view %d members %s", self._ctx(), view.epoch, list(view.members))
+
+    def reload_experts(self, local: tuple[int, ...]) -> None:
+        """The placement gave this slot other experts: read them from the checkpoint.
+        (Pulling them from live replicas is the transfer service's job.)"""
+        started = time.monotonic()
+        log.info("%s: loading experts %s", self._ctx(), list(local))
+        self.engine.model = load_model(
+            self.cfg.model_path, local, device=self.device, dtype=self.cfg.torch_dtype
+        )
+        log.info("%s: experts loaded in %.2f s", self._ctx(), time.monotonic() - started)
+
+    def await_newer_view(self, epoch: int) -> None:
+        deadline = time.monotonic() + self.cfg.ttl_s + 1.0
+        asked = False
+        while True:
+            self.heartbeat()
+            latest = self.watcher.latest
+            if latest is not None and latest.epoch > epoch:
+                return
+            if not asked and time.monotonic() > deadline:
+                log.warning(
+                    "%s: no newer view after a failed exchange; asking for one", self._ctx()
+                )
+                self.status.set("resync_epoch", epoch)
+                asked = True
+            time.sleep(0.005)
+
+    def take_requests(self) -> None:
+        while True:
+            try:
+                msg = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg["type"] == "request":
+                params = SamplingParams(**msg["params"])
+                seq = Sequence(msg["id"], list(msg["prompt"]), list(msg["emitted"]), params)
+                try:
+                    self.engine.add(seq)
+                except ValueError as exc:
+                    log.error("%s: refusing %s: %s", self._ctx(), msg["id"], exc)
+            elif msg["type"] == "abort":
+                self.engine.scheduler.abort(msg["id"])
+
+    def emit(self, events: list[TokenEvent]) -> None:
+        try:
+            self.link.send_tokens(events)
+        except OSError as exc:
+            log.warning("%s: could not send %d tokens: %s", self._ctx(), len(events), exc)
+
+
+def materialised(slot_experts: tuple[int, ...], num_experts: int) -> tuple[int, ...]:
+    """The experts to hold in local order: an empty position (``-1``, never routed to) holds
+    an expert the slot does not otherwise hold, so the local ids stay distinct."""
+    spare = iter(e for e in range(num_experts) if e not in slot_experts)
+    return tuple(e if e >= 0 else next(spare) for e in slot_experts)
+
+
+def _die_with_parent() -> None:
+    """A worker whose supervisor dies must not serve on without a lease."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main(raw: str) -> int:
+    args = json.loads(raw)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s worker{args['slot']}: %(message)s",
+    )
+    _die_with_parent()
+    torch.set_num_threads(1)
+    worker = Worker(args["etcd"], args["cluster"], args["slot"], args["incarnation"])
+    return worker.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

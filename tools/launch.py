@@ -1,0 +1,121 @@
+"""``eep launch``: a whole cluster on this host, until Ctrl-C.
+
+With ``--tiny`` a tiny random-weight Qwen3-MoE is generated (once, under .eep/models/tiny)
+so that nothing has to be downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import uuid
+
+TINY_DIR = os.path.join(".eep", "models", "tiny")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="a Hugging Face style directory (config.json + safetensors)")
+    model.add_argument("--tiny", action="store_true", help="generate and serve a tiny random model")
+    parser.add_argument("--slots", type=int, default=4, help="EP slots (ranks) (default 4)")
+    parser.add_argument(
+        "--experts-per-slot",
+        type=int,
+        default=None,
+        help="physical experts per slot (default: room for 2 replicas of each)",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32|float64|bfloat16 (default float32 on cpu, bfloat16 on cuda)",
+    )
+    parser.add_argument(
+        "--fabric",
+        choices=["shm"],
+        default="shm",
+        help="data plane (shm: CPU processes on one host)",
+    )
+    parser.add_argument("--etcd", default=None, help="use this etcd (default: start one)")
+    parser.add_argument("--cluster", default=None, help="cluster name (default: random)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (default 3)")
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="torchrun restarts of a slot's supervisor (default 3)",
+    )
+    parser.add_argument(
+        "--no-torchrun",
+        action="store_true",
+        help="start supervisors directly instead of under torchrun",
+    )
+    parser.add_argument("--log-dir", default=None, help="keep every process's log here")
+
+
+def tiny_model() -> str:
+    from eep.model.config import ModelConfig
+    from eep.model.random_weights import write_random_checkpoint
+
+    if not os.path.exists(os.path.join(TINY_DIR, "config.json")):
+        import torch
+
+        write_random_checkpoint(TINY_DIR, ModelConfig.tiny(), seed=0, dtype=torch.float32)
+    return TINY_DIR
+
+
+def runtime_config(args: argparse.Namespace, model_path: str):
+    from eep.config import RuntimeConfig
+    from eep.model.config import ModelConfig
+
+    num_experts = ModelConfig.from_dir(model_path).num_experts
+    eps = args.experts_per_slot or -(-2 * num_experts // args.slots)
+    return RuntimeConfig(
+        cluster=args.cluster or f"eep-{uuid.uuid4().hex[:6]}",
+        model_path=os.path.abspath(model_path),
+        num_slots=args.slots,
+        experts_per_slot=eps,
+        device=args.device,
+        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
+        fabric=args.fabric,
+        ttl_s=args.ttl,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from eep.launcher import Cluster, ClusterOptions, LaunchError
+
+    model_path = tiny_model() if args.tiny else args.model
+    cfg = runtime_config(args, model_path)
+    opts = ClusterOptions(
+        cfg,
+        etcd=args.etcd,
+        http_port=args.port,
+        torchrun=not args.no_torchrun,
+        max_restarts=args.max_restarts,
+        log_dir=args.log_dir,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(
+        f"starting cluster {cfg.cluster}: {cfg.num_slots} slots x {cfg.experts_per_slot} "
+        f"experts, model {model_path} ...",
+        flush=True,
+    )
+    try:
+        cluster = Cluster(opts).start()
+    except LaunchError as exc:
+        print(f"eep launch: {exc}")
+        return 1
+    print(
+        f"serving at {cluster.url}/v1/completions (etcd {cluster.endpoint}, logs in "
+        f"{cluster.workdir}); Ctrl-C stops",
+        flush=True,
+    )
+    stop.wait()
+    cluster.stop()
+    return 0

@@ -1,0 +1,47 @@
+"""Arguments of ``python -m eep.rank`` (the slot supervisor that torchrun starts)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from eep.rank.supervisor import SupervisorConfig
+from eep.rank.supervisor import main as supervise
+
+from .common import add_etcd_arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m eep.rank",
+        description="Supervise one slot: hold its etcd lease, run its worker, restart it. "
+        "Usually started by `eep launch` through torchrun.",
+    )
+    add_etcd_arguments(parser)
+    parser.add_argument(
+        "--slot", type=int, default=None, help="the slot (default: torchrun's LOCAL_RANK)"
+    )
+    parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (default 3)")
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=100,
+        help="worker restarts before the supervisor gives up (default 100)",
+    )
+    parser.add_argument("--log-dir", default=None, help="write worker logs here")
+    args = parser.parse_args(argv)
+    slot = args.slot if args.slot is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s supervisor{slot}: %(message)s"
+    )
+    return supervise(
+        SupervisorConfig(
+            etcd=args.etcd,
+            cluster=args.cluster,
+            slot=slot,
+            ttl_s=args.ttl,
+            max_restarts=args.max_restarts,
+            log_dir=args.log_dir,
+        )
+    )
