@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from eep.config import RuntimeConfig
 from eep.fabrics.shm import remove_segments
+from eep.membership.commit import read_history
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.server import EtcdServer
@@ -141,6 +142,10 @@ class Cluster:
         raise LaunchError(
             f"cluster {self.cfg.cluster}: {what}; exited: {dead}; logs in {self.workdir}"
         )
+
+    def history(self):
+        """Every committed view of the cluster, in epoch order."""
+        return read_history(self.client, self.keys)
 
     def worker_pid(self, slot: int) -> int | None:
         kv = self.client.get(self.keys.slot(slot))

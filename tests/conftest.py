@@ -6,13 +6,15 @@ import uuid
 
 import pytest
 
-from eep.membership.etcd import EtcdClient
-from eep.membership.server import EtcdServer
+# etcd fixtures import the membership package lazily: the GPU machine runs the kernel tests
+# without the etcd client installed.
 
 
 @pytest.fixture(scope="session")
 def etcd_server():
     """One etcd for the session (temp data dir, free ports, stopped by pid at the end)."""
+    from eep.membership.server import EtcdServer
+
     server = EtcdServer().start()
     yield server
     server.cleanup()
@@ -21,6 +23,8 @@ def etcd_server():
 @pytest.fixture
 def etcd_fresh():
     """An etcd of the test's own, for tests that restart, compact or stop it."""
+    from eep.membership.server import EtcdServer
+
     server = EtcdServer().start()
     yield server
     server.cleanup()
@@ -33,7 +37,9 @@ def cluster() -> str:
 
 
 @pytest.fixture
-def etcd(etcd_server) -> EtcdClient:
+def etcd(etcd_server):
+    from eep.membership.etcd import EtcdClient
+
     client = EtcdClient(etcd_server.endpoint)
     yield client
     client.close()

@@ -18,6 +18,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "revoke": ("revoke", "revoke a slot's lease now (the supervisors' crash fast path)"),
     "frontend": ("frontend", "the OpenAI-compatible HTTP front-end of a running cluster"),
     "launch": ("launch", "start a cluster: etcd, coordinator, front-end and one rank per slot"),
+    "make-weights": (
+        "make_weights",
+        "write a random-weight Qwen3-MoE checkpoint (HF layout) for any config",
+    ),
     "demo": ("demo", "a local cluster with a rank killed and recovered; prints the timeline"),
 }
 _BENCHES: dict[str, tuple[str, str]] = {

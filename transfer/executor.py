@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .arena import Arena, TensorSpec
+from .arena import ALIGN, Arena, TensorSpec
 from .checkpoint import Checkpoint
 from .checksum import checksum
 from .config import TransferConfig
@@ -54,9 +54,36 @@ class PullReport:
 
 @dataclass(slots=True)
 class _Chunk:
-    read: ReadOp
-    start: int
+    """One request: ``nbytes`` contiguous on both sides, covering ``parts`` (read, bytes):
+    a piece of one large tensor, or several small tensors that lie back to back."""
+
+    local_offset: int
+    remote_addr: int
     nbytes: int
+    parts: list[tuple[ReadOp, int]]
+
+
+def _chunks(reads: list[ReadOp], step: int) -> list[_Chunk]:
+    """Requests of at most ``step`` bytes; neighbours on both sides (gaps under ``ALIGN``
+    equal on both sides, which are padding) are coalesced, so an arena moves in a few large
+    requests instead of one per tensor."""
+    out: list[_Chunk] = []
+    for r in sorted(reads, key=lambda r: r.local_offset):
+        if out and r.nbytes <= step:
+            c = out[-1]
+            gap = r.local_offset - (c.local_offset + c.nbytes)
+            if (
+                0 <= gap < ALIGN
+                and r.remote_addr - (c.remote_addr + c.nbytes) == gap
+                and c.nbytes + gap + r.nbytes <= step
+            ):
+                c.nbytes += gap + r.nbytes
+                c.parts.append((r, r.nbytes))
+                continue
+        for s in range(0, r.nbytes, step):
+            n = min(step, r.nbytes - s)
+            out.append(_Chunk(r.local_offset + s, r.remote_addr + s, n, [(r, n)]))
+    return out
 
 
 @dataclass(slots=True)
@@ -137,15 +164,19 @@ class _Run:
 
     def _enqueue(self, plan: TransferPlan) -> None:
         step = self.cfg.chunk_nbytes
-        for r in plan.reads:
-            self.owner[r.name] = r
-            self.left[r.name] = max(1, -(-r.nbytes // step))
-            self.got[r.name] = 0
-            q = self.queues.setdefault(r.holder, deque())
-            q.extend(_Chunk(r, s, min(step, r.nbytes - s)) for s in range(0, r.nbytes, step))
-            self.report.bytes_by_holder[r.holder] = (
-                self.report.bytes_by_holder.get(r.holder, 0) + r.nbytes
-            )
+        for holder, reads in plan.by_holder().items():
+            for r in reads:
+                self.owner[r.name] = r
+                self.left[r.name] = 0
+                self.got[r.name] = 0
+                self.report.bytes_by_holder[holder] = (
+                    self.report.bytes_by_holder.get(holder, 0) + r.nbytes
+                )
+            chunks = _chunks(reads, step)
+            for c in chunks:
+                for r, _ in c.parts:
+                    self.left[r.name] += 1
+            self.queues.setdefault(holder, deque()).extend(chunks)
         for d in plan.disk:
             self.owner.pop(d.name, None)
             self.disk_jobs[d.name] = self.pool.submit(self._load_disk, d)
@@ -188,11 +219,9 @@ class _Run:
             flying = self.inflight.setdefault(holder, [])
             while q and len(flying) < self.cfg.max_inflight and holder not in self.excluded:
                 c = q.popleft()
-                local = self.p.arena.addr + c.read.local_offset + c.start
+                local = self.p.arena.addr + c.local_offset
                 try:
-                    t = self.tr.submit(
-                        Op.READ, self.peers[holder], local, c.read.remote_addr + c.start, c.nbytes
-                    )
+                    t = self.tr.submit(Op.READ, self.peers[holder], local, c.remote_addr, c.nbytes)
                 except SourceFailed as exc:
                     q.appendleft(c)
                     self._fail(holder, f"{exc.op}: {exc}")
@@ -226,16 +255,17 @@ class _Run:
         return n
 
     def _landed(self, c: _Chunk) -> None:
-        name = c.read.name
-        if self.owner.get(name) is not c.read:
-            return  # a late chunk of a read that was re-planned
-        self.landed += c.nbytes
-        self.got[name] += c.nbytes
+        for r, nbytes in c.parts:
+            name = r.name
+            if self.owner.get(name) is not r:
+                continue  # a late chunk of a read that was re-planned
+            self.landed += nbytes
+            self.got[name] += nbytes
+            self.left[name] -= 1
+            if self.left[name] == 0:
+                self.verifying[name] = self.pool.submit(self._verify, r)
         if self.p.progress:
             self.p.progress(self.landed, self.report.nbytes)
-        self.left[name] -= 1
-        if self.left[name] == 0:
-            self.verifying[name] = self.pool.submit(self._verify, c.read)
 
     def _verify(self, r: ReadOp) -> str:
         return checksum(self.p.arena.bytes_of(self.specs[r.name]))
@@ -286,7 +316,7 @@ class _Run:
         self.report.failed_holders[holder] = reason
         for f in self.inflight.pop(holder, []):
             if hung:
-                self.tainted.add(f.chunk.read.name)
+                self.tainted.update(r.name for r, _ in f.chunk.parts)
         self.queues.pop(holder, None)
         for name, r in list(self.owner.items()):
             if r.holder == holder and name not in self.done and name not in self.verifying:

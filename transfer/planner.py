@@ -3,10 +3,11 @@
 Given the tensors a slot wants (its local layout) and the live manifests, assign every
 tensor to one source, in tiers: a live rank that holds it on a device (GPU to GPU), else a
 host-memory backup holder, else the checkpoint on disk. Within a tier the bytes are spread
-over the holders to use their aggregate bandwidth: largest tensors first, each to the holder
-that would finish it earliest, where a holder on another host counts ``remote_weight`` times
-as fast as one on the same host (so same-host holders are preferred, but not to the point of
-leaving a remote one idle while they queue up).
+over the holders to use their aggregate bandwidth: in arena order, each tensor stays with the
+holder of its predecessor while that holder is under its fair share of the bytes (so runs of
+neighbours travel as one request), else goes to the holder that would finish it earliest,
+where a holder on another host counts ``remote_weight`` times as fast as one on the same host
+(so same-host holders are preferred, but not to the point of leaving a remote one idle).
 
 A tensor stays whole on one holder, so a checksum mismatch names one holder. The executor
 calls this again, with exclusions, whenever a holder dies, hangs, or sends bad bytes.
@@ -89,6 +90,19 @@ def _check_layouts(targets: Sequence[TensorSpec], manifests: Sequence[Manifest])
                 )
 
 
+def _fair_shares(targets, usable: list[Manifest], weight: dict[str, float]) -> dict[str, float]:
+    """Bytes each holder would carry if every holder of a tensor shared it by bandwidth."""
+    share = {m.holder: 0.0 for m in usable}
+    for t in targets:
+        pool = [m for m in usable if t.name in m.tensors and not m.is_backup] or [
+            m for m in usable if t.name in m.tensors
+        ]
+        total_w = sum(weight[m.holder] for m in pool)
+        for m in pool:
+            share[m.holder] += t.nbytes * weight[m.holder] / total_w
+    return share
+
+
 def plan_pull(
     targets: Sequence[TensorSpec],
     manifests: Sequence[Manifest],
@@ -113,9 +127,11 @@ def plan_pull(
     bad = set(exclude_pairs)
     load: dict[str, float] = {m.holder: 0.0 for m in usable}
     weight = {m.holder: 1.0 if m.host_id == local_host else remote_weight for m in usable}
+    share = _fair_shares(targets, usable, weight)
     reads, disk, missing = [], [], []
     on_disk = set(checkpoint)
-    for t in sorted(targets, key=lambda s: (-s.nbytes, s.name)):
+    prev = None
+    for t in sorted(targets, key=lambda s: (s.offset, s.name)):
         holders = [m for m in usable if t.name in m.tensors and (m.holder, t.name) not in bad]
         device = [m for m in holders if not m.is_backup]
         tier_pool = device or [m for m in holders if m.is_backup]
@@ -123,6 +139,11 @@ def plan_pull(
             best = min(
                 tier_pool, key=lambda m: ((load[m.holder] + t.nbytes) / weight[m.holder], m.holder)
             )
+            # stay with the previous holder while it is under its share: neighbours in the
+            # arena then travel as one request (the executor coalesces them)
+            if prev in tier_pool and load[prev.holder] + t.nbytes <= share[prev.holder]:
+                best = prev
+            prev = best
             load[best.holder] += t.nbytes
             tier = (
                 Tier.BACKUP

@@ -148,7 +148,7 @@ class Frontend:
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model", self.cfg.model_name)
         if model != self.cfg.model_name:
-            raise BadRequest(
+            raise UnknownModel(
                 f"model {model!r} is not served here; this server has {self.cfg.model_name!r}"
             )
         prompt = body.get("prompt")

@@ -97,8 +97,8 @@ def write_random_checkpoint(
 ) -> None:
     """Write ``config.json``, safetensors shards and ``model.safetensors.index.json`` to
     ``path`` (created if absent). ``progress(done_bytes, total_bytes)`` is called after each
-    tensor is drawn (the last call, ``done == total``, after the last shard is on disk). The result loads with :func:`eep.model.load_model` and with transformers'
-    ``Qwen3MoeForCausalLM.from_pretrained``."""
+    tensor is drawn (the last call, ``done == total``, once everything is on disk). The result
+    loads with :func:`eep.model.load_model` and transformers' ``Qwen3MoeForCausalLM``."""
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES.values())}, got {dtype}.")
     if shard_bytes < 1:

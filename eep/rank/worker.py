@@ -140,7 +140,7 @@ class Worker:
         self.device = device
         model = load_model(cfg.model_path, local, device=device, dtype=cfg.torch_dtype)
         self.view_state = ViewState(
-            cfg.num_slots, eps, model_cfg.num_experts, max(placement.replica_count), device
+            cfg.num_slots, eps, model_cfg.num_experts, placement.max_replicas, device
         )
         fabric_cfg = FabricConfig(
             cfg.num_slots,

@@ -73,7 +73,11 @@ def _exchange(buf: SymmEpBuffer, seed: int, tokens: list[int], ranks: list[int],
     xs, phys, ws = make_inputs(
         seed, tokens, world, cfg.experts_per_slot, cfg.hidden, cfg.topk, cfg.dtype, dead
     )
+    # Poison, then start together: a peer ahead of us would store into our buffer before the
+    # poison (erasing its rows), or time out on us while we check the previous step on the CPU.
     buf.recv_x.fill_(float("nan"))
+    torch.cuda.synchronize()
+    _store_barrier(f"step-{seed}", len(ranks))
     recv_x, handle = buf.dispatch(xs[me].to(dev), phys[me].to(dev), ws[me].to(dev))
     y = recv_x * 2.0 ** (me + 1)
     out = torch.full((tokens[me], cfg.hidden), float("nan"), dtype=cfg.dtype, device=dev)
@@ -131,6 +135,7 @@ def kill_worker(rank: int, world: int, victim: int, timeout_us: int):
         os.kill(os.getpid(), signal.SIGKILL)
     dev = buf.buf.device
     xs, phys, ws = make_inputs(3000, [9] * world, world, PER_SLOT, 512, TOPK, cfg.dtype)
+    _store_barrier("straddle", world - 1)
     start = time.monotonic()
     recv_x, handle = buf.dispatch(xs[rank].to(dev), phys[rank].to(dev), ws[rank].to(dev))
     out = buf.combine(recv_x, handle)
