@@ -183,6 +183,7 @@ def _bench_protocol(args, proto: str, device, total_mib: int, source_counts, etc
         manifests = ManifestStore(etcd, cluster).live()
         for k in source_counts:
             use = [m for m in manifests if int(m.holder) <= k]
+            Puller(transport, arena, cfg).pull(use)  # warm-up: IPC opens, handshakes, JIT
             times, report = [], None
             for r in range(args.repeats):
                 arena.buffer.fill_(0)

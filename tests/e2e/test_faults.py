@@ -32,7 +32,7 @@ def _metric(url: str, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
-def _load_with_kills(cluster, model_dir, kill_slots, n=12, max_tokens=28):
+def _load_with_kills(cluster, model_dir, kill_slots, n=12, max_tokens=28, sig=signal.SIGKILL):
     prompts = prompts_for(n)
     params = [SamplingParams(max_tokens=max_tokens) for _ in range(n)]
     expected = reference_outputs(model_dir, prompts, params)
@@ -44,7 +44,7 @@ def _load_with_kills(cluster, model_dir, kill_slots, n=12, max_tokens=28):
         ]
         time.sleep(0.5)  # mid-decode
         for slot in kill_slots:
-            os.kill(cluster.worker_pid(slot), signal.SIGKILL)
+            os.kill(cluster.worker_pid(slot), sig)
         results = [f.result() for f in futures]
     for i, result in enumerate(results):
         assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
@@ -94,3 +94,14 @@ def test_two_ranks_killed_at_once_lose_no_request(cluster, tiny_model_dir):
     _wait_all_back(cluster, before, [0, 3])
     epochs = [v.epoch for v in cluster.history()]
     assert epochs == list(range(1, len(epochs) + 1)), "epochs forked or skipped"
+
+
+def test_a_hung_rank_is_excluded_by_lease_expiry_and_restarted(cluster, tiny_model_dir):
+    pid = cluster.worker_pid(1)
+    before = _load_with_kills(cluster, tiny_model_dir, [1], sig=signal.SIGSTOP)
+    excluded = [v for v in cluster.history() if v.epoch > before and 1 not in v.members]
+    assert excluded, "the hung slot was never excluded"
+    _wait_all_back(cluster, before, [1])
+    assert cluster.worker_pid(1) != pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the supervisor killed the hung worker before restarting it

@@ -56,7 +56,7 @@ def test_pull_completes_from_other_replica_when_source_is_sigkilled_midway(
     killed = []
 
     def progress(done: int, total: int) -> None:
-        if not killed and done > 0.25 * total:
+        if not killed and done > 0.1 * total:  # holder 0 still owes most of its half
             a.kill(signal.SIGKILL)
             killed.append(done)
 
@@ -83,7 +83,7 @@ def test_pull_rides_out_a_source_that_hangs_midway_by_its_deadline(
     stopped = []
 
     def progress(done: int, total: int) -> None:
-        if not stopped and done > 0.25 * total:
+        if not stopped and done > 0:  # first landed request: holder 0 has most of its left
             a.kill(signal.SIGSTOP)  # alive, connected, silent: only a deadline catches it
             stopped.append(done)
 
