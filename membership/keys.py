@@ -9,6 +9,7 @@
 | /eep/<cluster>/views/<epoch:08d>      | same txn               | View (history)             |
 | /eep/<cluster>/coordinator            | coordinator, leased    | leader's identity          |
 | /eep/<cluster>/manifests/<slot>       | rank                   | weight arena layout        |
+| /eep/<cluster>/manifests/backup-<n>   | host backup holder     | weight arena layout        |
 | /eep/<cluster>/frontend               | front-end, leased      | address                    |
 """
 
