@@ -29,6 +29,8 @@ from eep.membership.keys import Keys
 from eep.membership.registry import SlotRegistration, SlotState
 from eep.membership.session import Session, SessionConfig
 
+from eep.events import EventLog
+
 from .status import StatusBlock, WorkerState
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class Supervisor:
         self.status = StatusBlock(cfg.cluster, cfg.slot, create=True)
         self.stop = threading.Event()
         self.worker: subprocess.Popen | None = None
+        self.events = EventLog.in_dir(cfg.log_dir, f"supervisor{cfg.slot}")
 
     def run(self) -> int:
         restarts = 0
@@ -84,6 +87,7 @@ class Supervisor:
         reg = SlotRegistration(self.client, self.keys, session, self.cfg.slot, self.cfg.device)
         try:
             record = reg.register(wait_s=self.cfg.wait_slot_s)
+            self.events.emit("registered", slot=self.cfg.slot, incarnation=record.incarnation)
             self.status.reset(record.incarnation)
             self.status.set("fence_deadline", session.deadline)
             self.worker = self._spawn(record.incarnation)
@@ -121,6 +125,7 @@ class Supervisor:
             "cluster": self.cfg.cluster,
             "slot": self.cfg.slot,
             "incarnation": incarnation,
+            "log_dir": self.cfg.log_dir,
         }
         return subprocess.Popen(
             [sys.executable, "-m", "eep.rank.worker", json.dumps(args)],
@@ -133,12 +138,15 @@ class Supervisor:
         while not self.stop.is_set():
             code = self.worker.poll()
             if code is not None:
+                self.events.emit("worker_exited", slot=self.cfg.slot, code=code)
                 return f"worker exited with {code}"
             if session.done.wait(0.02):
+                self.events.emit("session_lost", slot=self.cfg.slot, reason=str(session.loss))
                 return f"session ended: {session.loss}"
             self.status.set("fence_deadline", session.deadline)
             if not ready and self.status.get("state") == WorkerState.READY:
                 reg.update(SlotState.READY, endpoints={"pid": self.worker.pid})
+                self.events.emit("ready", slot=self.cfg.slot, incarnation=reg.record.incarnation)
                 ready = True
                 log.info("slot %d: incarnation %d ready", self.cfg.slot, reg.record.incarnation)
             resync = self.status.get("resync_epoch")
@@ -151,6 +159,7 @@ class Supervisor:
         """Revoke first (survivors stop waiting on this slot), then make sure the worker is gone."""
         self.status.set("fence_deadline", 0.0)
         session.close(revoke=True)
+        self.events.emit("lease_released", slot=self.cfg.slot)
         if self.worker is not None and self.worker.poll() is None:
             self.worker.send_signal(signal.SIGKILL)
         if self.worker is not None:
