@@ -3,6 +3,11 @@
 Processes: an etcd (embedded unless one is given), the coordinator, the front-end, and one
 torchrun agent per slot (``--nproc-per-node 1 --max-restarts N``) running the slot supervisor,
 so a crash restarts that slot alone. Everything is stopped by pid.
+
+``baseline=True`` starts the full-restart baseline instead: one torchrun agent over every slot
+(``--nproc-per-node <slots>``, slot = ``LOCAL_RANK``) whose supervisors exit when their worker
+ends, so one dead worker makes torchrun tear down and restart every local slot, each reloading
+its weights from disk. Membership still goes through etcd, so clients see the same API.
 """
 
 from __future__ import annotations
@@ -41,8 +46,16 @@ class ClusterOptions:
     etcd: str | None = None  # None: start an embedded etcd
     http_port: int = 0
     torchrun: bool = True
-    max_restarts: int = 3  # torchrun's restarts of a supervisor
+    max_restarts: int = 3  # torchrun's restarts of a supervisor (baseline: of every slot)
     log_dir: str | None = None
+    baseline: bool = False  # one torchrun over every slot: a failure restarts them all
+
+    def __post_init__(self) -> None:
+        if self.baseline and not self.torchrun:
+            raise ValueError(
+                "baseline=True needs torchrun=True: the full-restart baseline is one torchrun "
+                "agent tearing down every slot; drop --no-torchrun or --baseline."
+            )
 
 
 @dataclass
@@ -80,8 +93,11 @@ class Cluster:
             str(self.cfg.num_slots),
         )
         self._spawn("frontend", "eep.tools.cli", "frontend", "--port", str(self.opts.http_port))
-        for slot in range(self.cfg.num_slots):
-            self.start_slot(slot)
+        if self.opts.baseline:
+            self.start_baseline()
+        else:
+            for slot in range(self.cfg.num_slots):
+                self.start_slot(slot)
         self.wait_ready(timeout_s)
         return self
 
@@ -101,25 +117,34 @@ class Cluster:
         )
         return self.procs[name]
 
+    def _torchrun(self, nproc: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--max-restarts",
+            str(self.opts.max_restarts),
+            "--standalone",
+            "--monitor-interval",
+            "0.5",
+            "-m",
+        ]
+
     def start_slot(self, slot: int) -> None:
+        assert not self.opts.baseline, "baseline slots are started together by start_baseline"
         args = ["--slot", str(slot), "--ttl", str(self.cfg.ttl_s), "--log-dir", self.workdir]
         if self.opts.torchrun:
-            prefix = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node",
-                "1",
-                "--max-restarts",
-                str(self.opts.max_restarts),
-                "--standalone",
-                "--monitor-interval",
-                "0.5",
-                "-m",
-            ]
-            self._spawn(f"slot{slot}", "eep.rank", *args, prefix=prefix)
+            self._spawn(f"slot{slot}", "eep.rank", *args, prefix=self._torchrun(1))
         else:
             self._spawn(f"slot{slot}", "eep.rank", *args)
+
+    def start_baseline(self) -> None:
+        """One torchrun agent over every slot; each supervisor takes its slot from LOCAL_RANK
+        and exits when its worker ends, so torchrun restarts all of them."""
+        args = ["--baseline", "--ttl", str(self.cfg.ttl_s), "--log-dir", self.workdir]
+        self._spawn("slots", "eep.rank", *args, prefix=self._torchrun(self.cfg.num_slots))
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until every slot is in the view and the front-end answers."""

@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start supervisors directly instead of under torchrun",
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="the full-restart baseline: one torchrun over every slot, so one failed worker "
+        "restarts them all (each reloading its weights from disk)",
+    )
     parser.add_argument("--log-dir", default=None, help="keep every process's log here")
 
 
@@ -88,6 +94,8 @@ def runtime_config(args: argparse.Namespace, model_path: str):
 def run(args: argparse.Namespace) -> int:
     from eep.launcher import Cluster, ClusterOptions, LaunchError
 
+    if args.baseline and args.no_torchrun:
+        raise SystemExit("--baseline runs every slot under one torchrun: drop --no-torchrun")
     model_path = tiny_model() if args.tiny else args.model
     cfg = runtime_config(args, model_path)
     opts = ClusterOptions(
@@ -97,13 +105,15 @@ def run(args: argparse.Namespace) -> int:
         torchrun=not args.no_torchrun,
         max_restarts=args.max_restarts,
         log_dir=args.log_dir,
+        baseline=args.baseline,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    mode = " (full-restart baseline: one torchrun over every slot)" if args.baseline else ""
     print(
         f"starting cluster {cfg.cluster}: {cfg.num_slots} slots x {cfg.experts_per_slot} "
-        f"experts, model {model_path} ...",
+        f"experts, model {model_path}{mode} ...",
         flush=True,
     )
     try:

@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         help="worker restarts before the supervisor gives up (default 100)",
     )
     parser.add_argument("--log-dir", default=None, help="write worker logs here")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="the full-restart baseline: exit non-zero when the worker ends instead of "
+        "restarting it, so a torchrun over every slot restarts them all",
+    )
     args = parser.parse_args(argv)
     slot = args.slot if args.slot is not None else int(os.environ.get("LOCAL_RANK", "0"))
     logging.basicConfig(
@@ -43,5 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             ttl_s=args.ttl,
             max_restarts=args.max_restarts,
             log_dir=args.log_dir,
+            baseline=args.baseline,
+            group_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if args.baseline else 0,
+            group_round=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         )
     )

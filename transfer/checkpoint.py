@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .arena import Arena, TensorSpec, dtype_name
+from .arena import Arena, TensorSpec, dtype_name, dtype_of
 from .errors import CheckpointError
 
 
@@ -50,12 +50,14 @@ class Checkpoint:
                 t = h.get_tensor(spec.name)
         except Exception as exc:
             raise CheckpointError(f"cannot read {spec.name!r} from {path}: {exc}") from exc
-        if dtype_name(t.dtype) != spec.dtype or tuple(t.shape) != tuple(spec.shape):
+        if tuple(t.shape) != tuple(spec.shape):
             raise CheckpointError(
                 f"checkpoint {path} has {spec.name!r} as {dtype_name(t.dtype)}{list(t.shape)}, "
                 f"the local layout wants {spec.dtype}{list(spec.shape)}: wrong checkpoint for "
                 "this model?"
             )
+        # a checkpoint stored in another precision (bf16 on disk, served in fp32) converts
+        t = t.to(dtype_of(spec.dtype))
         dst = arena.bytes_of(spec)
         dst.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=False)
 

@@ -17,6 +17,11 @@ It runs the same protocol as the GPU fabric, so CI can kill real processes:
 
 Flags are 8-byte aligned int64 words written after the data; x86 keeps stores in order, and
 readers load the flag before the data.
+
+``elastic=False`` turns the checks off (the newer-epoch and newer-view checks, the per-sender
+timeout and the torn-read re-check), as ``EpConfig.elastic=False`` does for the GPU kernels; it
+exists only to measure their cost (``eep bench serve``). A dead peer then hangs the exchange
+until a hang guard of ``_HANG_GUARD_S`` (not part of the protocol) gives up.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _ALIGN = 64
 _HEADER = 64  # flag int64, count int64, padding
+_HANG_GUARD_S = 600.0  # checks off: only a wedged benchmark ever reaches this
 
 
 def _aligned(n: int) -> int:
@@ -164,7 +170,8 @@ class ShmFabric:
     every step boundary where a new view arrives.
 
     ``newest_epoch`` returns the newest epoch the local watcher has seen; a wait abandons the
-    exchange as soon as it exceeds the epoch being served.
+    exchange as soon as it exceeds the epoch being served. ``elastic=False``: checks off (see
+    the module docstring); same results, for overhead measurements only.
     """
 
     def __init__(
@@ -174,9 +181,10 @@ class ShmFabric:
         incarnation: int,
         cfg: FabricConfig,
         newest_epoch: Callable[[], int] = lambda: 0,
+        elastic: bool = True,
     ):
         self.cluster, self.slot, self.incarnation, self.cfg = cluster, slot, incarnation, cfg
-        self.newest_epoch = newest_epoch
+        self.newest_epoch, self.elastic = newest_epoch, elastic
         remove_segments(cluster, slot, below=incarnation)  # predecessors cannot clean up
         self.own = _Segment(segment_path(cluster, slot, incarnation), cfg, create=True)
         self.peers: dict[int, tuple[int, _Segment]] = {slot: (incarnation, self.own)}
@@ -275,6 +283,8 @@ class ShmFabric:
         return ShmRecv(x, local, spans)
 
     def _check_unchanged(self, boxes: dict[int, _Mailbox], tag: int) -> None:
+        if not self.elastic:
+            return
         for box in boxes.values():
             now = box.tag()
             if now != tag:
@@ -282,6 +292,9 @@ class ShmFabric:
 
     def _wait(self, boxes: dict[int, _Mailbox], tag: int) -> None:
         """Bounded wait for every live sender's flag (spin briefly, then sleep)."""
+        if not self.elastic:
+            self._wait_unchecked(boxes, tag)
+            return
         pending = dict(boxes)
         deadline = time.monotonic() + self.cfg.timeout_s
         spins = 0
@@ -303,3 +316,21 @@ class ShmFabric:
                 raise ExchangeFailed(FailureReason.TIMEOUT, self.epoch, tuple(sorted(pending)))
             spins += 1
             time.sleep(0 if spins < 20 else min(0.002, 0.00005 * spins))
+
+    def _wait_unchecked(self, boxes: dict[int, _Mailbox], tag: int) -> None:
+        """Checks off: wait for the flags only; the guard is read on the sleeping path alone."""
+        pending = list(boxes.items())
+        spins, guard = 0, None
+        while True:
+            pending = [(s, box) for s, box in pending if box.tag() != tag]
+            if not pending:
+                return
+            spins += 1
+            if spins < 20:
+                time.sleep(0)
+                continue
+            guard = guard or time.monotonic() + _HANG_GUARD_S
+            if time.monotonic() > guard:
+                suspects = tuple(sorted(s for s, _ in pending))
+                raise ExchangeFailed(FailureReason.TIMEOUT, self.epoch, suspects)
+            time.sleep(min(0.002, 0.00005 * spins))

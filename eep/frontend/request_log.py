@@ -40,6 +40,7 @@ class RequestLog:
     def __init__(self) -> None:
         self.records: dict[str, Record] = {}
         self.duplicates = 0
+        self.stale = 0  # tokens from a rank the request had been taken from
         self.gaps = 0
         self.tokens = 0
         self.completed = 0
@@ -54,11 +55,23 @@ class RequestLog:
             if r.state is not RequestState.FINISHED and (slot is None or r.slot == slot)
         ]
 
-    def accept(self, request_id: str, index: int, token: int, finish: str | None) -> bool:
-        """Record one token; False (and counted) when it is a duplicate or out of order."""
+    def accept(
+        self,
+        request_id: str,
+        index: int,
+        token: int,
+        finish: str | None,
+        sender: tuple[int, int] | None = None,
+    ) -> bool:
+        """Record one token; False (and counted) when it is a duplicate or out of order, or
+        comes from a ``(slot, incarnation)`` the request is no longer assigned to (a rank
+        that a view excluded may still finish a step before it fences)."""
         rec = self.records.get(request_id)
         if rec is None or rec.state is RequestState.FINISHED:
             self.duplicates += 1
+            return False
+        if sender is not None and sender != (rec.slot, rec.incarnation):
+            self.stale += 1
             return False
         if index < len(rec.emitted):
             self.duplicates += 1

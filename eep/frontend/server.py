@@ -75,7 +75,7 @@ class Frontend:
                 msg = await read_frame(reader)
                 if msg["type"] == "tokens":
                     for request_id, index, token, finish in msg["events"]:
-                        self.log.accept(request_id, index, token, finish)
+                        self.log.accept(request_id, index, token, finish, (slot, incarnation))
         except (asyncio.IncompleteReadError, ConnectionError, FrameError, KeyError) as exc:
             log.info("rank link down: slot %s (%s)", slot, exc.__class__.__name__)
         finally:
@@ -256,6 +256,7 @@ class Frontend:
             ("eep_tokens_total", "counter", self.log.tokens, "tokens streamed"),
             ("eep_requeued_total", "counter", self.requeued, "requests moved off a dead slot"),
             ("eep_duplicate_tokens_total", "counter", self.log.duplicates, "tokens dropped"),
+            ("eep_stale_tokens_total", "counter", self.log.stale, "from a rank taken off"),
             ("eep_view_epoch", "gauge", self.view.epoch if self.view else 0, "committed epoch"),
             ("eep_live_slots", "gauge", len(self.live_slots()), "slots serving"),
         ]:

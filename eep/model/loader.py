@@ -62,21 +62,24 @@ def _expert_copies(model: Qwen3MoeModel, layer: int, reader: CheckpointReader) -
     return copies
 
 
-def plan_copies(model: Qwen3MoeModel, reader: CheckpointReader) -> list[_Copy]:
+def plan_copies(
+    model: Qwen3MoeModel, reader: CheckpointReader, experts: bool = True
+) -> list[_Copy]:
     copies = _dense_copies(model)
     for i, layer in enumerate(model.layers):
-        if layer.is_moe:
+        if layer.is_moe and experts:
             copies += _expert_copies(model, i, reader)
     return copies
 
 
 @torch.no_grad()
-def load_weights(model: Qwen3MoeModel, path: str | os.PathLike) -> None:
-    """Copy every tensor ``model`` holds from the checkpoint at ``path``; raises
+def load_weights(model: Qwen3MoeModel, path: str | os.PathLike, experts: bool = True) -> None:
+    """Copy every tensor ``model`` holds from the checkpoint at ``path`` (without the local
+    experts' when ``experts`` is False: a restarted rank pulls those from its peers); raises
     :class:`CheckpointError` (naming the tensors) before copying anything if one is absent or
     mis-shaped."""
     reader = CheckpointReader(path)
-    copies = plan_copies(model, reader)
+    copies = plan_copies(model, reader, experts)
     wanted = list(dict.fromkeys((c.name, c.shape) for c in copies))
     check_tensors(reader, wanted, str(Path(path)))
     for c in copies:

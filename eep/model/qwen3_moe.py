@@ -151,6 +151,7 @@ def load_model(
     local_experts: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    experts: bool = True,
 ) -> Qwen3MoeModel:
     """Build the model of ``path/config.json`` and fill it from the checkpoint's safetensors.
 
@@ -161,5 +162,5 @@ def load_model(
 
     config = ModelConfig.from_dir(path)
     model = Qwen3MoeModel(config, local_experts, device=device, dtype=dtype)
-    load_weights(model, path)
+    load_weights(model, path, experts)
     return model

@@ -8,7 +8,8 @@
   slot's lease may be gone (CLOCK_MONOTONIC is one clock for every process of the host);
 - ``epoch`` int64, written by the worker: the view it serves;
 - ``resync_epoch`` int64, written by the worker: it suspects a peer that no view removed and
-  asks (through the supervisor's slot record) for a view newer than this epoch.
+  asks (through the supervisor's slot record) for a view newer than this epoch;
+- ``lease_id`` int64, written by the supervisor: the worker binds its manifest to it.
 Single 8-byte aligned words: a reader never sees half a value.
 """
 
@@ -26,6 +27,7 @@ _FIELDS = {
     "fence_deadline": (24, "<d"),
     "epoch": (32, "<q"),
     "resync_epoch": (40, "<q"),
+    "lease_id": (48, "<q"),
 }
 _SIZE = 64
 

@@ -9,6 +9,10 @@ each incarnation it grants a lease, registers ``joining``, starts the worker, an
 - when the session ends (fenced, lease lost), kills the worker;
 then starts the next incarnation. A worker whose supervisor dies exits too (parent-death
 signal in the worker).
+
+In ``baseline`` mode (the full-restart baseline) it starts no next incarnation: once the
+lease is released and the worker gone it exits non-zero, so the one torchrun agent over every
+local slot tears down all of them and restarts them together.
 """
 
 from __future__ import annotations
@@ -23,13 +27,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+from eep.events import EventLog
 from eep.membership.errors import LeaseLost, MembershipError
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.registry import SlotRegistration, SlotState
 from eep.membership.session import Session, SessionConfig
-
-from eep.events import EventLog
 
 from .status import StatusBlock, WorkerState
 
@@ -47,6 +50,48 @@ class SupervisorConfig:
     log_dir: str | None = None
     wait_slot_s: float = 30.0
     startup_timeout_s: float = 600.0  # loading weights and warming up do not move progress
+    baseline: bool = False  # exit when the worker ends: torchrun restarts every local slot
+    group_size: int = 0  # baseline: slots started together (torchrun's LOCAL_WORLD_SIZE)
+    group_round: int = 0  # baseline: torchrun's TORCHELASTIC_RESTART_COUNT
+
+
+EXIT_BASELINE_RESTART = 1  # non-zero: torchrun counts a failure and restarts the whole group
+
+
+class GroupNotUp(MembershipError):
+    """A baseline slot's torchrun group did not come up together in time."""
+
+
+class GroupBarrier:
+    """The baseline's start-up barrier: a slot turns ``ready`` only once every slot of its
+    torchrun group (same restart round) has a ready worker, as a fixed-membership job starts
+    serving only when all of its ranks are up. Without it the coordinator would admit the
+    first restarted slot alone, a view in which the other slots' experts have no replica.
+
+    Each slot puts ``baseline/<slot>`` (bound to its lease, so a dead slot's entry goes with
+    it) and polls the prefix."""
+
+    POLL_S = 0.1
+
+    def __init__(self, client: EtcdClient, keys: Keys, cfg: SupervisorConfig):
+        self.client, self.cfg = client, cfg
+        self.prefix = f"{keys.prefix}baseline/"
+        self.joined_lease = 0
+        self.next_poll = 0.0
+
+    def passed(self, lease_id: int) -> bool:
+        if self.cfg.group_size <= 1:
+            return True
+        if self.joined_lease != lease_id:
+            value = json.dumps({"slot": self.cfg.slot, "round": self.cfg.group_round})
+            self.client.put(f"{self.prefix}{self.cfg.slot}", value, lease=lease_id)
+            self.joined_lease = lease_id
+        if time.monotonic() < self.next_poll:
+            return False
+        self.next_poll = time.monotonic() + self.POLL_S
+        kvs, _ = self.client.get_prefix(self.prefix)
+        rounds = [kv.json().get("round") for kv in kvs]
+        return rounds.count(self.cfg.group_round) >= self.cfg.group_size
 
 
 class Supervisor:
@@ -58,6 +103,7 @@ class Supervisor:
         self.stop = threading.Event()
         self.worker: subprocess.Popen | None = None
         self.events = EventLog.in_dir(cfg.log_dir, f"supervisor{cfg.slot}")
+        self.barrier = GroupBarrier(self.client, self.keys, cfg) if cfg.baseline else None
 
     def run(self) -> int:
         restarts = 0
@@ -65,6 +111,13 @@ class Supervisor:
             code = self.run_incarnation()
             if self.stop.is_set():
                 return 0
+            if self.cfg.baseline:
+                log.warning(
+                    "slot %d: worker ended (%s); exiting so torchrun restarts every slot",
+                    self.cfg.slot,
+                    code,
+                )
+                return EXIT_BASELINE_RESTART
             restarts += 1
             if restarts > self.cfg.max_restarts:
                 log.error("slot %d: %d worker restarts; giving up", self.cfg.slot, restarts - 1)
@@ -89,6 +142,7 @@ class Supervisor:
             record = reg.register(wait_s=self.cfg.wait_slot_s)
             self.events.emit("registered", slot=self.cfg.slot, incarnation=record.incarnation)
             self.status.reset(record.incarnation)
+            self.status.set("lease_id", session.lease_id)
             self.status.set("fence_deadline", session.deadline)
             self.worker = self._spawn(record.incarnation)
             return self._watch(session, reg)
@@ -126,6 +180,8 @@ class Supervisor:
             "slot": self.cfg.slot,
             "incarnation": incarnation,
             "log_dir": self.cfg.log_dir,
+            # the full-restart baseline reloads every worker's weights from disk
+            "baseline": self.cfg.baseline,
         }
         return subprocess.Popen(
             [sys.executable, "-m", "eep.rank.worker", json.dumps(args)],
@@ -135,6 +191,7 @@ class Supervisor:
 
     def _watch(self, session: Session, reg: SlotRegistration) -> str:
         ready, resync_sent = False, 0
+        barrier_deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not self.stop.is_set():
             code = self.worker.poll()
             if code is not None:
@@ -145,6 +202,8 @@ class Supervisor:
                 return f"session ended: {session.loss}"
             self.status.set("fence_deadline", session.deadline)
             if not ready and self.status.get("state") == WorkerState.READY:
+                if not self._group_ready(session, barrier_deadline):
+                    continue
                 reg.update(SlotState.READY, endpoints={"pid": self.worker.pid})
                 self.events.emit("ready", slot=self.cfg.slot, incarnation=reg.record.incarnation)
                 ready = True
@@ -154,6 +213,19 @@ class Supervisor:
                 reg.update(resync_epoch=resync)
                 resync_sent = resync
         return "stopped"
+
+    def _group_ready(self, session: Session, deadline: float) -> bool:
+        """True unless this is a baseline slot whose group is not all up yet; past the
+        deadline it gives up (raising), so torchrun restarts the group instead of waiting."""
+        if self.barrier is None or self.barrier.passed(session.lease_id):
+            return True
+        if time.monotonic() > deadline:
+            raise GroupNotUp(
+                f"slot {self.cfg.slot}: not every one of the {self.cfg.group_size} baseline "
+                f"slots was up within {self.cfg.startup_timeout_s:.0f} s; read the other "
+                "slots' worker logs"
+            )
+        return False
 
     def _end(self, session: Session) -> None:
         """Revoke first (survivors stop waiting on this slot), then make sure the worker is gone."""

@@ -33,6 +33,8 @@ from eep.engine.engine import Engine, TokenEvent
 from eep.engine.moe_exec import FabricMoE
 from eep.engine.sampling import SamplingParams
 from eep.engine.sequence import Sequence
+from eep.events import EventLog
+from eep.expert_arena import ExpertArena
 from eep.fabrics.base import ExchangeFailed, FabricConfig
 from eep.fabrics.shm import ShmFabric
 from eep.membership.etcd import EtcdClient
@@ -41,6 +43,9 @@ from eep.membership.view import View
 from eep.membership.watcher import ViewWatcher
 from eep.model.qwen3_moe import load_model
 from eep.placement import initial_placement
+from eep.transfer.config import TransferConfig
+from eep.transfer.engine import start_transport
+from eep.transfer.manifest import ManifestStore
 from eep.view_state import ViewState
 from eep.wire import encode, recv_frame
 
@@ -110,8 +115,13 @@ class FrontendLink:
 
 
 class Worker:
-    def __init__(self, etcd: str, cluster: str, slot: int, incarnation: int):
+    def __init__(
+        self, etcd: str, cluster: str, slot: int, incarnation: int, log_dir: str | None = None
+    ):
         self.slot, self.incarnation = slot, incarnation
+        self.events = EventLog.in_dir(log_dir, f"worker{slot}.{incarnation}")
+        self.events.emit("worker_started", slot=slot, incarnation=incarnation)
+        self.serving_epoch, self.discarded, self.degraded = 0, False, False
         self.client, self.keys = EtcdClient(etcd), Keys(cluster)
         kv = self.client.get(self.keys.config)
         if kv is None:
@@ -121,7 +131,6 @@ class Worker:
         self.watcher = ViewWatcher(self.client, self.keys).start()
         self.engine = self._build()
         self.link = FrontendLink(self.client, self.keys, slot, incarnation)
-        self.serving_epoch = 0
 
     def _ctx(self) -> str:
         return f"slot {self.slot} inc {self.incarnation} epoch {self.serving_epoch}"
@@ -138,7 +147,10 @@ class Worker:
         eps = cfg.experts_per_slot
         local = materialised(placement.slot_experts(self.slot), model_cfg.num_experts)
         self.device = device
-        model = load_model(cfg.model_path, local, device=device, dtype=cfg.torch_dtype)
+        self.transfer_cfg = TransferConfig(protocol="tcp" if cfg.device == "cpu" else "cuda_ipc")
+        self.transport = start_transport(self.transfer_cfg)
+        self.manifests = ManifestStore(self.client, cfg.cluster, cfg.num_slots)
+        model = self.load_model(local)
         self.view_state = ViewState(
             cfg.num_slots, eps, model_cfg.num_experts, placement.max_replicas, device
         )
@@ -171,13 +183,14 @@ class Worker:
     def serve(self) -> int:
         self.link.connected.wait(timeout=60)
         self.status.set("state", WorkerState.READY)
+        self.events.emit("ready", slot=self.slot, incarnation=self.incarnation)
         log.info("%s: ready", self._ctx())
         while True:
             self.heartbeat()
             view = self.watcher.latest
             if view is not None and view.epoch > self.serving_epoch:
                 self.apply(view)
-            if not self.serving_epoch:
+            if not self.serving_epoch or self.degraded:
                 time.sleep(0.01)
                 continue
             self.take_requests()
@@ -185,8 +198,19 @@ class Worker:
                 events = self.engine.step()
             except ExchangeFailed as exc:
                 log.warning("%s: step discarded: %s", self._ctx(), exc)
+                self.events.emit(
+                    "step_discarded",
+                    slot=self.slot,
+                    epoch=exc.epoch,
+                    reason=exc.reason.value,
+                    suspects=list(exc.suspects),
+                )
+                self.discarded = True
                 self.await_newer_view(exc.epoch)
                 continue
+            if self.discarded:
+                self.events.emit("resumed", slot=self.slot, epoch=self.serving_epoch)
+                self.discarded = False
             self.emit(events)
             if not self.engine.scheduler.has_work():
                 time.sleep(0.002)  # idle, but every live slot must keep joining exchanges
@@ -209,20 +233,76 @@ class Worker:
         )
         if wanted != self.engine.model.local_experts:
             self.reload_experts(wanted)
+        # a view that orphans experts cannot compute the model: every member sees the same
+        # placement, so all of them pause together until a view covers every expert again
+        orphans = self.view_state.placement.orphans
+        self.degraded = bool(orphans)
+        if orphans:
+            log.warning(
+                "%s: view %d leaves experts %s without a live replica; pausing",
+                self._ctx(),
+                view.epoch,
+                list(orphans),
+            )
+            self.events.emit("degraded", slot=self.slot, epoch=view.epoch, orphans=list(orphans))
         self.fabric.apply_view(view.epoch, dict(view.incarnations))
         self.serving_epoch = view.epoch
         self.status.set("epoch", view.epoch)
+        self.events.emit(
+            "view_applied", slot=self.slot, epoch=view.epoch, members=list(view.members)
+        )
         log.info("%s: serving view %d members %s", self._ctx(), view.epoch, list(view.members))
 
-    def reload_experts(self, local: tuple[int, ...]) -> None:
-        """The placement gave this slot other experts: read them from the checkpoint.
-        (Pulling them from live replicas is the transfer service's job.)"""
-        started = time.monotonic()
-        log.info("%s: loading experts %s", self._ctx(), list(local))
-        self.engine.model = load_model(
-            self.cfg.model_path, local, device=self.device, dtype=self.cfg.torch_dtype
+    def load_model(self, local: tuple[int, ...]):
+        """The model with experts ``local``: the dense weights from the checkpoint, the
+        experts pulled from live holders (verified; the checkpoint for what none holds),
+        then this slot's own manifest published under its lease."""
+        cfg = self.cfg
+        model = load_model(
+            cfg.model_path, local, device=self.device, dtype=cfg.torch_dtype, experts=False
         )
-        log.info("%s: experts loaded in %.2f s", self._ctx(), time.monotonic() - started)
+        arena = ExpertArena(model, self.device)
+        stats = arena.fill(
+            self.transport,
+            self.manifests,
+            self.transfer_cfg,
+            cfg.model_path,
+            exclude=(str(self.slot),),
+        )
+        arena.publish(
+            self.transport,
+            self.manifests,
+            str(self.slot),
+            self.transfer_cfg.host_id,
+            self.slot,
+            self.incarnation,
+            self.status.get("lease_id"),
+        )
+        self.expert_arena = arena
+        self.events.emit(
+            "weights_loaded",
+            slot=self.slot,
+            bytes=stats.nbytes,
+            seconds=stats.seconds,
+            gbps=stats.gbps,
+            sources=stats.from_peers,
+            from_disk=stats.from_disk,
+        )
+        log.info(
+            "%s: experts %s: %d B in %.2f s (%.2f GB/s) from peers %s, %d B from disk",
+            self._ctx(),
+            list(local),
+            stats.nbytes,
+            stats.seconds,
+            stats.gbps,
+            stats.from_peers,
+            stats.from_disk,
+        )
+        return model
+
+    def reload_experts(self, local: tuple[int, ...]) -> None:
+        """The placement gave this slot other experts: pull them (from live holders first)."""
+        self.engine.model = self.load_model(local)
 
     def await_newer_view(self, epoch: int) -> None:
         deadline = time.monotonic() + self.cfg.ttl_s + 1.0
@@ -286,7 +366,9 @@ def main(raw: str) -> int:
     )
     _die_with_parent()
     torch.set_num_threads(1)
-    worker = Worker(args["etcd"], args["cluster"], args["slot"], args["incarnation"])
+    worker = Worker(
+        args["etcd"], args["cluster"], args["slot"], args["incarnation"], args.get("log_dir")
+    )
     return worker.serve()
 
 
