@@ -94,10 +94,11 @@ class ExpertArena:
         config: TransferConfig,
         checkpoint_path: str,
         exclude: tuple[str, ...] = (),
+        peers: bool = True,
     ) -> PullStats:
         """Every local expert from live holders (several at once, verified), the rest from
-        the checkpoint."""
-        manifests = [m for m in store.live() if m.holder not in exclude]
+        the checkpoint; ``peers=False``: all from the checkpoint."""
+        manifests = [m for m in store.live() if m.holder not in exclude] if peers else []
         started = time.monotonic()
         report = Puller(transport, self.arena, config).pull(
             manifests, checkpoint=Checkpoint(checkpoint_path)
@@ -116,8 +117,10 @@ class ExpertArena:
         slot: int,
         incarnation: int,
         lease: int,
+        extra: tuple[Arena, ...] = (),
     ) -> None:
-        """Register the arena and publish its manifest, bound to the slot's lease."""
+        """Register the arena and publish its manifest (with the already registered
+        ``extra`` arenas, e.g. the KV blocks), bound to the slot's lease."""
         self.arena.register(transport)
         specs = self.arena.layout.specs
         sums = dict(
@@ -130,7 +133,7 @@ class ExpertArena:
         manifest = build_manifest(
             holder,
             transport,
-            [self.arena],
+            [self.arena, *extra],
             sums,
             host_id,
             slot=slot,

@@ -36,6 +36,7 @@ class Engine:
         block_size: int = 16,
         max_tokens_per_step: int = 64,
         moe: MoEExecutor | None = None,
+        kv_buffer: torch.Tensor | None = None,
     ):
         cfg = model.config
         self.model = model
@@ -44,7 +45,7 @@ class Engine:
         kv_cfg = KVCacheConfig(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv_blocks, block_size
         )
-        self.kv = KVCache(kv_cfg, dtype, device)
+        self.kv = KVCache(kv_cfg, dtype, device, kv_buffer)
         self.scheduler = Scheduler(self.kv, max_tokens_per_step)
         self.moe: MoEExecutor = moe or LocalMoE()
         self.steps = 0

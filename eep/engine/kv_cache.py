@@ -1,8 +1,9 @@
 """A paged KV cache in one arena tensor.
 
-The arena is ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V),
-one contiguous tensor so the transfer service can register it once and move a request's
-blocks with a handful of operations. A request owns a block table (a list of block ids).
+The arena is ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` (K then V):
+block-major, so one block holds every layer's K and V of its positions contiguously and a
+request's KV moves to another rank as a handful of block copies (the transfer service
+registers the arena once). A request owns a block table (a list of block ids).
 """
 
 from __future__ import annotations
@@ -36,11 +37,29 @@ class BlockTable:
 
 
 class KVCache:
-    def __init__(self, cfg: KVCacheConfig, dtype: torch.dtype, device: torch.device | str):
+    """``buffer``: optional uint8 storage to build the arena in (a registered transfer arena
+    of ``num_blocks`` blocks of :meth:`block_nbytes`)."""
+
+    def __init__(
+        self,
+        cfg: KVCacheConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        buffer: torch.Tensor | None = None,
+    ):
         self.cfg = cfg
-        shape = (cfg.num_layers, 2, cfg.num_blocks, cfg.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.arena = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (cfg.num_blocks, cfg.num_layers, 2, cfg.block_size, cfg.num_kv_heads, cfg.head_dim)
+        if buffer is None:
+            self.arena = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self.arena = buffer.view(dtype).view(shape)
+            self.arena.zero_()
         self._free = list(range(cfg.num_blocks - 1, -1, -1))
+
+    @staticmethod
+    def block_nbytes(cfg: KVCacheConfig, dtype: torch.dtype) -> int:
+        per = cfg.num_layers * 2 * cfg.block_size * cfg.num_kv_heads * cfg.head_dim
+        return per * dtype.itemsize
 
     @property
     def free_blocks(self) -> int:
@@ -75,11 +94,11 @@ class KVCache:
     ) -> None:
         """Store ``k``/``v`` ``[n, n_kv, D]`` at ``positions`` ``[n]`` of the request."""
         block, offset = self._slots(table, positions)
-        self.arena[layer, 0, block, offset] = k.to(self.arena.dtype)
-        self.arena[layer, 1, block, offset] = v.to(self.arena.dtype)
+        self.arena[block, layer, 0, offset] = k.to(self.arena.dtype)
+        self.arena[block, layer, 1, offset] = v.to(self.arena.dtype)
 
     def read(self, layer: int, table: BlockTable, length: int) -> tuple[torch.Tensor, ...]:
         """K and V ``[length, n_kv, D]`` of the request's first ``length`` positions."""
         positions = torch.arange(length, device=self.arena.device)
         block, offset = self._slots(table, positions)
-        return self.arena[layer, 0, block, offset], self.arena[layer, 1, block, offset]
+        return self.arena[block, layer, 0, offset], self.arena[block, layer, 1, offset]

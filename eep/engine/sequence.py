@@ -73,6 +73,21 @@ class Scheduler:
                     return seq
         return None
 
+    def detach(self, request_id: str) -> Sequence | None:
+        """Take a sequence out without freeing its blocks (its KV is being migrated; the
+        caller frees them with ``kv.release`` once the receiver has it)."""
+        for group in (self.running, self.waiting):
+            for seq in list(group):
+                if seq.request_id == request_id:
+                    group.remove(seq)
+                    return seq
+        return None
+
+    def adopt(self, seq: Sequence) -> None:
+        """Run a sequence whose blocks are reserved and whose first ``num_computed`` positions
+        already hold KV (migrated in): it goes straight to decoding."""
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

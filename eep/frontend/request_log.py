@@ -32,6 +32,7 @@ class Record:
     state: RequestState = RequestState.QUEUED
     finish_reason: str | None = None
     requeues: int = 0
+    migrating: bool = False  # asked its rank to hand it (and its KV) to another slot
     created: float = field(default_factory=time.time)
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
 

@@ -59,6 +59,9 @@ class Frontend:
         self.links: dict[int, tuple[int, asyncio.StreamWriter]] = {}
         self.view: View | None = None
         self.requeued = 0
+        self.migrated = 0
+        self.joined: set[int] = set()  # slots that (re)joined and may take load
+        self.lenders: dict[str, int] = {}  # request id -> slot lending its KV blocks
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # --- ranks -----------------------------------------------------------------------------
@@ -71,11 +74,17 @@ class Frontend:
             self.links[slot] = (incarnation, writer)
             log.info("rank link up: slot %d incarnation %d", slot, incarnation)
             self.dispatch_queued()
+            self.rebalance()
             while True:
                 msg = await read_frame(reader)
                 if msg["type"] == "tokens":
                     for request_id, index, token, finish in msg["events"]:
                         self.log.accept(request_id, index, token, finish, (slot, incarnation))
+                elif msg["type"] == "migrate_ready":
+                    self.on_migrate_ready(slot, msg)
+                elif msg["type"] == "migrated":
+                    holder = self.lenders.pop(msg["id"], None)
+                    self.on_migrated(msg, holder)
         except (asyncio.IncompleteReadError, ConnectionError, FrameError, KeyError) as exc:
             log.info("rank link down: slot %s (%s)", slot, exc.__class__.__name__)
         finally:
@@ -94,17 +103,9 @@ class Frontend:
 
     def on_view(self, view: View) -> None:
         """Runs on the event loop for every committed view, in epoch order."""
-        self.view = view
+        previous, self.view = self.view, view
         for rec in self.log.in_flight():
-            if (
-                rec.slot is not None
-                and view.incarnation(rec.slot) is None
-                or (
-                    rec.slot is not None
-                    and rec.slot in self.links
-                    and self.links[rec.slot][0] != view.incarnation(rec.slot)
-                )
-            ):
+            if rec.slot is not None and view.incarnation(rec.slot) != rec.incarnation:
                 log.info(
                     "epoch %d: re-queueing %s from slot %d after %d tokens",
                     view.epoch,
@@ -112,10 +113,76 @@ class Frontend:
                     rec.slot,
                     len(rec.emitted),
                 )
-                rec.slot, rec.state = None, RequestState.QUEUED
+                rec.slot, rec.state, rec.migrating = None, RequestState.QUEUED, False
                 rec.requeues += 1
                 self.requeued += 1
+        old = dict(previous.incarnations) if previous else {}
+        self.joined |= {s for s, inc in view.incarnations if previous and old.get(s) != inc}
         self.dispatch_queued()
+        self.rebalance()
+
+    def rebalance(self) -> None:
+        """Move in-flight requests onto slots that (re)joined, with their KV blocks, until
+        loads are even: a restarted rank serves the existing load, not only new requests."""
+        live = self.live_slots()
+        for target in sorted(self.joined & set(live)):
+            self.joined.discard(target)
+            load = {s: [] for s in live}
+            for rec in self.log.in_flight():
+                if rec.slot in load and rec.state is RequestState.RUNNING:
+                    load[rec.slot].append(rec)
+            fair = sum(len(v) for v in load.values()) // len(live)
+            while len(load[target]) < fair:
+                source = max(live, key=lambda s: (len(load[s]), -s))
+                movable = [r for r in load[source] if not r.migrating]
+                if len(load[source]) <= fair or not movable:
+                    break
+                rec = movable[-1]
+                load[source].remove(rec)
+                load[target].append(rec)
+                rec.migrating = True
+                self.links[source][1].write(
+                    encode({"type": "migrate_out", "id": rec.request_id, "to": target})
+                )
+
+    def on_migrate_ready(self, sender: int, msg: dict) -> None:
+        """The old owner stopped the request and lends its KV: give it to the target."""
+        rec = self.log.records.get(msg["id"])
+        target = int(msg["to"])
+        if rec is None or rec.state is RequestState.FINISHED or rec.slot != sender:
+            return  # finished meanwhile, or re-queued by a view: nothing to move
+        kv = msg.get("kv")
+        if kv is not None and list(kv["outputs"]) != rec.emitted:
+            log.warning(
+                "migration of %s: rank outputs differ from the log; recomputing KV", rec.request_id
+            )
+            kv = None
+        rec.migrating = False
+        if target not in self.live_slots():
+            rec.slot, rec.state = None, RequestState.QUEUED
+            self.assign(rec)
+            return
+        self.send_to(rec, target, kv)
+        if kv is not None:
+            self.migrated += 1
+            self.lenders[rec.request_id] = sender
+
+    def send_to(self, rec: Record, slot: int, kv: dict | None = None) -> None:
+        msg = {
+            "type": "request",
+            "id": rec.request_id,
+            "prompt": rec.prompt,
+            "emitted": list(rec.emitted),
+            "params": _params_dict(rec.params),
+        }
+        if kv is not None:
+            msg["kv"] = {k: kv[k] for k in ("holder", "blocks", "checksums", "num_computed")}
+        self.links[slot][1].write(encode(msg))
+        rec.slot, rec.incarnation, rec.state = slot, self.links[slot][0], RequestState.RUNNING
+
+    def on_migrated(self, msg: dict, holder: int | None) -> None:
+        if holder is not None and holder in self.links:
+            self.links[holder][1].write(encode({"type": "release", "id": msg["id"]}))
 
     def dispatch_queued(self) -> None:
         for rec in self.log.in_flight():
@@ -130,16 +197,7 @@ class Frontend:
         for other in self.log.in_flight():
             if other.slot in load:
                 load[other.slot] += 1
-        slot = min(live, key=lambda s: (load[s], s))
-        msg = {
-            "type": "request",
-            "id": rec.request_id,
-            "prompt": rec.prompt,
-            "emitted": list(rec.emitted),
-            "params": _params_dict(rec.params),
-        }
-        self.links[slot][1].write(encode(msg))
-        rec.slot, rec.incarnation, rec.state = slot, self.links[slot][0], RequestState.RUNNING
+        self.send_to(rec, min(live, key=lambda s: (load[s], s)))
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -257,6 +315,7 @@ class Frontend:
             ("eep_requeued_total", "counter", self.requeued, "requests moved off a dead slot"),
             ("eep_duplicate_tokens_total", "counter", self.log.duplicates, "tokens dropped"),
             ("eep_stale_tokens_total", "counter", self.log.stale, "from a rank taken off"),
+            ("eep_migrated_total", "counter", self.migrated, "requests moved with their KV"),
             ("eep_view_epoch", "gauge", self.view.epoch if self.view else 0, "committed epoch"),
             ("eep_live_slots", "gauge", len(self.live_slots()), "slots serving"),
         ]:

@@ -30,6 +30,7 @@ import torch
 
 from eep.config import RuntimeConfig
 from eep.engine.engine import Engine, TokenEvent
+from eep.engine.kv_cache import BlockTable, KVCache, KVCacheConfig
 from eep.engine.moe_exec import FabricMoE
 from eep.engine.sampling import SamplingParams
 from eep.engine.sequence import Sequence
@@ -43,8 +44,11 @@ from eep.membership.view import View
 from eep.membership.watcher import ViewWatcher
 from eep.model.qwen3_moe import load_model
 from eep.placement import initial_placement
+from eep.transfer.arena import Arena
 from eep.transfer.config import TransferConfig
 from eep.transfer.engine import start_transport
+from eep.transfer.errors import TransferError
+from eep.transfer.kv import block_checksums, pull_kv_blocks
 from eep.transfer.manifest import ManifestStore
 from eep.view_state import ViewState
 from eep.wire import encode, recv_frame
@@ -116,9 +120,16 @@ class FrontendLink:
 
 class Worker:
     def __init__(
-        self, etcd: str, cluster: str, slot: int, incarnation: int, log_dir: str | None = None
+        self,
+        etcd: str,
+        cluster: str,
+        slot: int,
+        incarnation: int,
+        log_dir: str | None = None,
+        baseline: bool = False,
     ):
         self.slot, self.incarnation = slot, incarnation
+        self.baseline = baseline  # the full-restart baseline: weights from disk only
         self.events = EventLog.in_dir(log_dir, f"worker{slot}.{incarnation}")
         self.events.emit("worker_started", slot=slot, incarnation=incarnation)
         self.serving_epoch, self.discarded, self.degraded = 0, False, False
@@ -150,6 +161,18 @@ class Worker:
         self.transfer_cfg = TransferConfig(protocol="tcp" if cfg.device == "cpu" else "cuda_ipc")
         self.transport = start_transport(self.transfer_cfg)
         self.manifests = ManifestStore(self.client, cfg.cluster, cfg.num_slots)
+        kv_cfg = KVCacheConfig(
+            model_cfg.num_hidden_layers,
+            model_cfg.num_key_value_heads,
+            model_cfg.head_dim,
+            cfg.kv_blocks,
+            cfg.block_size,
+        )
+        self.kv_arena = Arena.for_kv(
+            "kv", cfg.kv_blocks, KVCache.block_nbytes(kv_cfg, cfg.torch_dtype), device
+        )
+        self.kv_arena.register(self.transport)
+        self.detached: dict[str, BlockTable] = {}  # KV blocks lent to a migration
         model = self.load_model(local)
         self.view_state = ViewState(
             cfg.num_slots, eps, model_cfg.num_experts, placement.max_replicas, device
@@ -172,6 +195,7 @@ class Worker:
             cfg.block_size,
             cfg.max_tokens_per_step,
             moe=FabricMoE(self.fabric, self.view_state),
+            kv_buffer=self.kv_arena.buffer,
         )
 
     def _newest_epoch(self) -> int:
@@ -268,6 +292,7 @@ class Worker:
             self.transfer_cfg,
             cfg.model_path,
             exclude=(str(self.slot),),
+            peers=not self.baseline,
         )
         arena.publish(
             self.transport,
@@ -277,6 +302,7 @@ class Worker:
             self.slot,
             self.incarnation,
             self.status.get("lease_id"),
+            extra=(self.kv_arena,),
         )
         self.expert_arena = arena
         self.events.emit(
@@ -326,15 +352,80 @@ class Worker:
                 msg = self.link.inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg["type"] == "request":
+            kind = msg["type"]
+            if kind == "request":
                 params = SamplingParams(**msg["params"])
                 seq = Sequence(msg["id"], list(msg["prompt"]), list(msg["emitted"]), params)
                 try:
-                    self.engine.add(seq)
+                    if msg.get("kv"):
+                        self.migrate_in(seq, msg["kv"])
+                    else:
+                        self.engine.add(seq)
                 except ValueError as exc:
                     log.error("%s: refusing %s: %s", self._ctx(), msg["id"], exc)
-            elif msg["type"] == "abort":
+            elif kind == "abort":
                 self.engine.scheduler.abort(msg["id"])
+            elif kind == "migrate_out":
+                self.migrate_out(msg["id"], msg["to"])
+            elif kind == "release":
+                table = self.detached.pop(msg["id"], None)
+                if table is not None:
+                    self.engine.kv.release(table)
+
+    def migrate_out(self, request_id: str, to: int) -> None:
+        """Hand a request to slot ``to``: stop running it here and lend its KV blocks until
+        the receiver has read them (the front-end says ``release``)."""
+        seq = self.engine.scheduler.detach(request_id)
+        reply = {"type": "migrate_ready", "id": request_id, "to": to, "kv": None}
+        if seq is not None and seq.num_computed > 0:
+            blocks = seq.table.blocks[: self.engine.kv.blocks_for(seq.num_computed)]
+            reply["kv"] = {
+                "holder": str(self.slot),
+                "blocks": list(blocks),
+                "checksums": list(block_checksums(self.kv_arena, blocks)),
+                "num_computed": seq.num_computed,
+                "outputs": list(seq.outputs),
+            }
+            self.detached[request_id] = seq.table
+        elif seq is not None:
+            self.engine.kv.release(seq.table)
+        self.link.send(reply)
+
+    def migrate_in(self, seq: Sequence, kv: dict) -> None:
+        """Take over a request with its KV: reserve blocks, read the holder's blocks into
+        them (verified); if that fails, recompute them (prefill) instead."""
+        self.engine.kv.reserve(seq.table, seq.max_len)
+        src = list(kv["blocks"])
+        started = time.monotonic()
+        try:
+            peer = self.manifests.get(kv["holder"]).peer
+            pull_kv_blocks(
+                self.transport,
+                self.kv_arena,
+                seq.table.blocks[: len(src)],
+                peer,
+                "kv",
+                src,
+                kv["checksums"],
+                dst_holder=str(self.slot),
+            )
+            seq.num_computed, ok = int(kv["num_computed"]), True
+        except (TransferError, OSError, ValueError) as exc:
+            log.warning(
+                "%s: KV of %s not migrated (%s); recomputing it", self._ctx(), seq.request_id, exc
+            )
+            seq.num_computed, ok = 0, False
+        self.engine.scheduler.adopt(seq)
+        self.events.emit(
+            "kv_migrated",
+            slot=self.slot,
+            id=seq.request_id,
+            ok=ok,
+            blocks=len(src),
+            bytes=len(src) * self.kv_arena.block_nbytes,
+            seconds=time.monotonic() - started,
+        )
+        self.link.send({"type": "migrated", "id": seq.request_id, "ok": ok})
 
     def emit(self, events: list[TokenEvent]) -> None:
         try:
@@ -367,7 +458,12 @@ def main(raw: str) -> int:
     _die_with_parent()
     torch.set_num_threads(1)
     worker = Worker(
-        args["etcd"], args["cluster"], args["slot"], args["incarnation"], args.get("log_dir")
+        args["etcd"],
+        args["cluster"],
+        args["slot"],
+        args["incarnation"],
+        args.get("log_dir"),
+        bool(args.get("baseline")),
     )
     return worker.serve()
 
