@@ -13,6 +13,7 @@ its weights from disk. Membership still goes through etcd, so clients see the sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from eep.fabrics.shm import remove_segments
 from eep.membership.commit import read_history
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
-from eep.membership.server import EtcdServer
+from eep.membership.server import EtcdServer, free_port
 from eep.membership.watcher import ViewWatcher
 from eep.rank.status import status_path
 
@@ -77,6 +78,10 @@ class Cluster:
             self.etcd_server = EtcdServer(data_dir=os.path.join(self.workdir, "etcd")).start()
         self.endpoint = self.opts.etcd or self.etcd_server.endpoint
         self.client, self.keys = EtcdClient(self.endpoint), Keys(self.cfg.cluster)
+        if self.cfg.fabric != "shm" and not self.cfg.fabric_store:
+            # the collective fabrics rendezvous at a TCP store that slot 0 hosts
+            store = f"127.0.0.1:{free_port()}"
+            self.opts.runtime = dataclasses.replace(self.cfg, fabric_store=store)
         self.client.delete(self.keys.prefix, prefix=True)  # a fresh cluster: no stale views
         self.client.put(self.keys.config, self.cfg.to_json())
         remove_segments(self.cfg.cluster)

@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fabric",
-        choices=["shm"],
+        choices=["shm", "nccl"],
         default="shm",
-        help="data plane (shm: CPU processes on one host)",
+        help="data plane: shm (elastic, CPU processes on one host) or nccl (the fixed-"
+        "membership baseline's collectives; gloo on the CPU; only with --baseline)",
     )
     parser.add_argument("--etcd", default=None, help="use this etcd (default: start one)")
     parser.add_argument("--cluster", default=None, help="cluster name (default: random)")
@@ -94,6 +95,8 @@ def runtime_config(args: argparse.Namespace, model_path: str):
 def run(args: argparse.Namespace) -> int:
     from eep.launcher import Cluster, ClusterOptions, LaunchError
 
+    if args.fabric == "nccl" and not args.baseline:
+        raise SystemExit("--fabric nccl has a fixed membership: use it with --baseline")
     if args.baseline and args.no_torchrun:
         raise SystemExit("--baseline runs every slot under one torchrun: drop --no-torchrun")
     model_path = tiny_model() if args.tiny else args.model

@@ -204,8 +204,13 @@ class NcclFabric:
         payload = torch.cat([rows.view(torch.uint8), local.view(-1, 1).view(torch.uint8)], 1)
         got = torch.empty(sum(recv_list), payload.shape[1], dtype=torch.uint8, device=x.device)
         self._all_to_all(got, payload, recv_list, send_counts, "dispatch rows")
-        recv_x = got[:, : self._row_bytes].contiguous().view(cfg.dtype)
-        recv_le = got[:, self._row_bytes :].contiguous().view(torch.int32).view(-1).long()
+        # fresh row-major copies: a one-row slice counts as contiguous while keeping the
+        # packed row stride, and a dtype view needs a row stride the element size divides
+        rows, n = self._row_bytes, got.shape[0]
+        recv_x = torch.empty(n, rows, dtype=torch.uint8, device=got.device)
+        recv_x = recv_x.copy_(got[:, :rows]).view(cfg.dtype)
+        recv_le = torch.empty(n, got.shape[1] - rows, dtype=torch.uint8, device=got.device)
+        recv_le = recv_le.copy_(got[:, rows:]).view(torch.int32).view(-1).long()
         recv = NcclRecv(recv_x, recv_le, recv_list)
         handle = NcclHandle(order, send_counts, recv_list, topk_weights, x.shape[0])
         return recv, handle

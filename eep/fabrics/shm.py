@@ -223,6 +223,13 @@ class ShmFabric:
             except FileNotFoundError:
                 pass
 
+    def peers_started(self) -> bool:
+        """Whether a live peer has begun the next exchange. A slot with nothing to do joins a
+        step only then, so an idle cluster does not step (and burn the CPU) at all, while
+        one busy slot still gets every peer into its exchanges within a poll interval."""
+        tag = make_tag(self.epoch, self.seq + 1)
+        return any(self.own.dispatch[s].tag() == tag for s in self.members if s != self.slot)
+
     # --- the exchange ----------------------------------------------------------------------
 
     def dispatch(

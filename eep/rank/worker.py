@@ -37,7 +37,7 @@ from eep.engine.sequence import Sequence
 from eep.events import EventLog
 from eep.expert_arena import ExpertArena
 from eep.fabrics.base import ExchangeFailed, FabricConfig
-from eep.fabrics.shm import ShmFabric
+from eep.fabrics.factory import make_fabric
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.view import View
@@ -186,9 +186,20 @@ class Worker:
             cfg.torch_dtype,
             cfg.exchange_timeout_s,
         )
-        self.fabric = ShmFabric(
-            cfg.cluster, self.slot, self.incarnation, fabric_cfg, newest_epoch=self._newest_epoch
+        self.fabric = make_fabric(
+            cfg.fabric,
+            cfg.cluster,
+            self.slot,
+            self.incarnation,
+            fabric_cfg,
+            self._newest_epoch,
+            store_addr=cfg.fabric_store or None,
+            device=device,
+            elastic=cfg.elastic,
+            view=self.view_state.device_view if cfg.fabric == "symm" else None,
         )
+        if cfg.fabric == "symm":
+            self.fabric.warm_up()  # a collective: every slot starts together
         return Engine(
             model,
             cfg.kv_blocks,
@@ -218,6 +229,9 @@ class Worker:
                 time.sleep(0.01)
                 continue
             self.take_requests()
+            if not self.engine.scheduler.has_work() and self._peers_idle():
+                time.sleep(0.002)  # idle everywhere we can tell: join when a peer starts
+                continue
             try:
                 events = self.engine.step()
             except ExchangeFailed as exc:
@@ -236,8 +250,12 @@ class Worker:
                 self.events.emit("resumed", slot=self.slot, epoch=self.serving_epoch)
                 self.discarded = False
             self.emit(events)
-            if not self.engine.scheduler.has_work():
-                time.sleep(0.002)  # idle, but every live slot must keep joining exchanges
+
+    def _peers_idle(self) -> bool:
+        """Nothing here to do and no peer has started a step (fabrics that cannot tell, the
+        collective ones, step always)."""
+        started = getattr(self.fabric, "peers_started", None)
+        return started is not None and not started()
 
     def heartbeat(self) -> None:
         self.status.bump()

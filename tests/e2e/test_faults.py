@@ -105,3 +105,27 @@ def test_a_hung_rank_is_excluded_by_lease_expiry_and_restarted(cluster, tiny_mod
     assert cluster.worker_pid(1) != pid
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the supervisor killed the hung worker before restarting it
+
+
+def test_a_rejoined_rank_takes_in_flight_requests_with_their_kv(cluster, tiny_model_dir):
+    n, max_tokens = 16, 150
+    prompts = prompts_for(n)
+    expected = reference_outputs(tiny_model_dir, prompts, [SamplingParams(max_tokens)] * n)
+    migrated_before = _metric(cluster.url, "eep_migrated_total")
+    before = cluster.watcher.latest.epoch
+    with ThreadPoolExecutor(n) as pool:
+        futures = [
+            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, 300)
+            for p in prompts
+        ]
+        time.sleep(0.5)
+        os.kill(cluster.worker_pid(3), signal.SIGKILL)
+        _wait_all_back(cluster, before + 1, [3])
+        results = [f.result() for f in futures]
+    for i, result in enumerate(results):
+        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
+    assert _metric(cluster.url, "eep_migrated_total") > migrated_before, "nothing migrated"
+    assert _metric(cluster.url, "eep_duplicate_tokens_total") == 0
+    inc = cluster.watcher.latest.incarnation(3)
+    events = open(os.path.join(cluster.workdir, f"events-worker3.{inc}.jsonl")).read()
+    assert '"event": "kv_migrated"' in events and '"ok": true' in events

@@ -28,7 +28,9 @@ def _shm_rounds(cluster, slot, members, rounds, barrier, elastic):
         fabric.close()
 
 
-def compare_worker(cluster, store_addr, slot, members, rounds, barrier, results):
+def compare_worker(cluster, store_addr, slot, members, rounds, victim, barrier, results):
+    """The three fabrics on the same rounds; then ``victim`` SIGKILLs itself and the others
+    try one more nccl exchange, which must fail with a typed error."""
     torch_threads_one()
     out = {
         "shm": _shm_rounds(f"{cluster}a", slot, members, rounds, barrier, elastic=True),
@@ -36,40 +38,32 @@ def compare_worker(cluster, store_addr, slot, members, rounds, barrier, results)
     }
     fabric = NcclFabric(slot, CFG, store_addr=store_addr)
     try:
-        refused = False
-        try:
-            fabric.apply_view(1, {s: 1 for s in members[:-1]})
-        except MembershipFixed:
-            refused = True
-        fabric.apply_view(1, {s: 1 for s in members})
-        out["nccl"] = [exchange(fabric, r).numpy() for r in range(rounds)]
-        out["refused_partial_view"] = refused
-    finally:
-        fabric.close()
-    results.put((slot, out))
-
-
-def kill_worker(store_addr, slot, members, victim, results):
-    """Two rounds, then ``victim`` SIGKILLs itself; survivors must fail with a typed error."""
-    torch_threads_one()
-    fabric = NcclFabric(slot, CFG, store_addr=store_addr)
+        fabric.apply_view(1, {s: 1 for s in members[:-1]})
+        out["refused_partial_view"] = False
+    except MembershipFixed:
+        out["refused_partial_view"] = True
     fabric.apply_view(1, {s: 1 for s in members})
-    for r in range(2):
-        exchange(fabric, r)
+    out["nccl"] = [exchange(fabric, r).numpy() for r in range(rounds)]
     if slot == victim:
+        _put_and_flush(results, (slot, out))
         os.kill(os.getpid(), signal.SIGKILL)
     started = time.monotonic()
     try:
-        exchange(fabric, 2)
-        outcome = "completed"
+        exchange(fabric, rounds)
+        out["after_kill"] = "completed"
     except CollectiveFailed:
-        outcome = "collective_failed"
+        out["after_kill"] = "collective_failed"
     except ExchangeFailed:
-        outcome = "exchange_failed"
-    results.put((slot, outcome, time.monotonic() - started))
+        out["after_kill"] = "exchange_failed"
+    out["after_kill_s"] = time.monotonic() - started
+    _put_and_flush(results, (slot, out))
+    os._exit(0)  # a broken group's teardown may block; the result is already out
+
+
+def _put_and_flush(results, item) -> None:
+    results.put(item)
     results.close()
-    results.join_thread()  # flushed before the hard exit below
-    os._exit(0)  # a broken group's teardown may block; the result is already queued
+    results.join_thread()
 
 
 def torch_threads_one() -> None:
