@@ -177,6 +177,15 @@ class Cluster:
         """Every committed view of the cluster, in epoch order."""
         return read_history(self.client, self.keys)
 
+    def wait_worker_pid(self, slot: int, timeout_s: float = 60.0) -> int:
+        """The pid of ``slot``'s worker once it is ready (a restarting slot has none yet)."""
+        deadline = time.monotonic() + timeout_s
+        while (pid := self.worker_pid(slot)) is None:
+            if time.monotonic() > deadline:
+                raise LaunchError(f"slot {slot} has no ready worker after {timeout_s} s")
+            time.sleep(0.05)
+        return pid
+
     def worker_pid(self, slot: int) -> int | None:
         kv = self.client.get(self.keys.slot(slot))
         return json.loads(kv.value)["endpoints"].get("pid") if kv else None

@@ -398,7 +398,7 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
         steady = load.wait_steady(args.warmup, timeout_s=180)
         time.sleep(max(0.0, steady + args.at - time.monotonic()))
         old = cluster.watcher.latest.incarnation(args.slot)
-        victim = cluster.worker_pid(args.slot)
+        victim = cluster.wait_worker_pid(args.slot)
         if victim is None:
             raise BenchError(f"slot {args.slot} has no worker pid in etcd; is it registered?")
         kill = time.monotonic()

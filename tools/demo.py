@@ -123,7 +123,7 @@ def _drive(cluster, args, tl: _Timeline, prompts, expected) -> int:
         futures = [pool.submit(_stream, cluster.url, p, args.max_tokens) for p in prompts]
         tl.mark(f"load: {len(prompts)} streamed requests of {args.max_tokens} tokens")
         time.sleep(1.0)
-        pid = cluster.worker_pid(args.kill)
+        pid = cluster.wait_worker_pid(args.kill)
         os.kill(pid, signal.SIGKILL)
         kill_at = tl.mark(f"slot {args.kill}: worker pid {pid} SIGKILLed mid-decode")
         results = [f.result() for f in futures]

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from eep.kernels.reference import select_replicas_ref
+from eep.kernels.routing import map_to_physical
 from eep.model.moe import MoEBlock
 
 
@@ -54,9 +55,14 @@ class FabricMoE:
     def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor:
         topk_ids, weights = moe.route(x)
         v = self.view
-        phy = select_replicas_ref(
-            topk_ids, v.log2phy, v.replica_count, v.rank_mask, v.experts_per_slot
-        )
+        if x.is_cuda:  # the Triton kernel: no host sync, graph-capturable
+            phy = map_to_physical(
+                topk_ids.to(torch.int32), v.device_view, experts_per_slot=v.experts_per_slot
+            )
+        else:
+            phy = select_replicas_ref(
+                topk_ids, v.log2phy, v.replica_count, v.rank_mask, v.experts_per_slot
+            )
         recv, handle = self.fabric.dispatch(x, phy, weights)
         y = run_experts(moe, recv.x.to(x.dtype), recv.local_expert)
         return self.fabric.combine(y, handle).to(x.dtype)

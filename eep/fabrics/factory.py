@@ -28,6 +28,7 @@ def make_fabric(
     device: torch.device | str = "cpu",
     elastic: bool = True,
     view=None,
+    on_wait: Callable[[], None] = lambda: None,
 ):
     """The ``kind`` fabric of ``slot``.
 
@@ -45,7 +46,9 @@ def make_fabric(
 
         if device.type != "cpu":
             raise ValueError(f"the shm fabric runs on the CPU, not {device}; use symm on GPUs.")
-        return ShmFabric(cluster, slot, incarnation, cfg, newest_epoch, elastic=elastic)
+        return ShmFabric(
+            cluster, slot, incarnation, cfg, newest_epoch, elastic=elastic, on_wait=on_wait
+        )
     if kind == "nccl":
         from .nccl import NcclFabric
 

@@ -182,9 +182,13 @@ class ShmFabric:
         cfg: FabricConfig,
         newest_epoch: Callable[[], int] = lambda: 0,
         elastic: bool = True,
+        on_wait: Callable[[], None] = lambda: None,
     ):
         self.cluster, self.slot, self.incarnation, self.cfg = cluster, slot, incarnation, cfg
         self.newest_epoch, self.elastic = newest_epoch, elastic
+        # called while waiting on peers: a rank that waits is healthy, and its lease (renewed
+        # only while its progress moves) must not lapse because a peer is slow or dead
+        self.on_wait = on_wait
         remove_segments(cluster, slot, below=incarnation)  # predecessors cannot clean up
         self.own = _Segment(segment_path(cluster, slot, incarnation), cfg, create=True)
         self.peers: dict[int, tuple[int, _Segment]] = {slot: (incarnation, self.own)}
@@ -321,6 +325,7 @@ class ShmFabric:
                 raise ExchangeFailed(FailureReason.NEWER_EPOCH, self.epoch, newer_epoch=newest)
             if time.monotonic() > deadline:
                 raise ExchangeFailed(FailureReason.TIMEOUT, self.epoch, tuple(sorted(pending)))
+            self.on_wait()
             spins += 1
             time.sleep(0 if spins < 20 else min(0.002, 0.00005 * spins))
 

@@ -131,9 +131,9 @@ class Supervisor:
         return 0
 
     def run_incarnation(self) -> str:
-        # a worker that stops stepping for a third of the TTL stops the renewals, so a hang is
-        # out of the view within about TTL + TTL/3 (a decode step takes milliseconds)
-        ttl = SessionConfig(ttl_s=self.cfg.ttl_s, stall_s=max(0.7, self.cfg.ttl_s / 3))
+        # a worker that stops moving for max(1 s, TTL/3) stops the renewals, so a hang is out
+        # of the view within about TTL + 1 s (steps take milliseconds; waits on peers count)
+        ttl = SessionConfig(ttl_s=self.cfg.ttl_s, stall_s=max(1.0, self.cfg.ttl_s / 3))
         session = Session(
             self.client, ttl, progress=self._progress_probe(), name=f"slot {self.cfg.slot}"
         ).open()

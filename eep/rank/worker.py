@@ -197,6 +197,7 @@ class Worker:
             device=device,
             elastic=cfg.elastic,
             view=self.view_state.device_view if cfg.fabric == "symm" else None,
+            on_wait=self.status.bump,
         )
         if cfg.fabric == "symm":
             self.fabric.warm_up()  # a collective: every slot starts together

@@ -52,7 +52,7 @@ def test_a_killed_worker_restarts_every_slot_and_loses_no_request(cluster, tiny_
             for p in prompts
         ]
         time.sleep(0.5)  # mid-decode
-        os.kill(cluster.worker_pid(2), signal.SIGKILL)
+        os.kill(cluster.wait_worker_pid(2), signal.SIGKILL)
         results = [f.result() for f in futures]
     for i, result in enumerate(results):
         assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"

@@ -44,7 +44,7 @@ def _load_with_kills(cluster, model_dir, kill_slots, n=12, max_tokens=28, sig=si
         ]
         time.sleep(0.5)  # mid-decode
         for slot in kill_slots:
-            os.kill(cluster.worker_pid(slot), sig)
+            os.kill(cluster.wait_worker_pid(slot), sig)
         results = [f.result() for f in futures]
     for i, result in enumerate(results):
         assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
@@ -73,7 +73,7 @@ def test_a_rank_killed_mid_decode_loses_no_request(cluster, tiny_model_dir):
 
 def test_the_restarted_rank_rejoins_and_serves_new_requests(cluster, tiny_model_dir):
     before = cluster.watcher.latest.epoch
-    os.kill(cluster.worker_pid(1), signal.SIGKILL)
+    os.kill(cluster.wait_worker_pid(1), signal.SIGKILL)
     _wait_all_back(cluster, before + 1, [1])
     inc = cluster.watcher.latest.incarnation(1)
     assert inc >= 2
@@ -97,12 +97,12 @@ def test_two_ranks_killed_at_once_lose_no_request(cluster, tiny_model_dir):
 
 
 def test_a_hung_rank_is_excluded_by_lease_expiry_and_restarted(cluster, tiny_model_dir):
-    pid = cluster.worker_pid(1)
+    pid = cluster.wait_worker_pid(1)
     before = _load_with_kills(cluster, tiny_model_dir, [1], sig=signal.SIGSTOP)
     excluded = [v for v in cluster.history() if v.epoch > before and 1 not in v.members]
     assert excluded, "the hung slot was never excluded"
     _wait_all_back(cluster, before, [1])
-    assert cluster.worker_pid(1) != pid
+    assert cluster.wait_worker_pid(1) != pid
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the supervisor killed the hung worker before restarting it
 
@@ -119,7 +119,7 @@ def test_a_rejoined_rank_takes_in_flight_requests_with_their_kv(cluster, tiny_mo
             for p in prompts
         ]
         time.sleep(0.5)
-        os.kill(cluster.worker_pid(3), signal.SIGKILL)
+        os.kill(cluster.wait_worker_pid(3), signal.SIGKILL)
         _wait_all_back(cluster, before + 1, [3])
         results = [f.result() for f in futures]
     for i, result in enumerate(results):
