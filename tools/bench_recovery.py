@@ -321,6 +321,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--modes {args.modes!r}: name runs among {', '.join(MODES)}")
     if not 0 <= args.slot < args.slots:
         raise SystemExit(f"--slot {args.slot} must name one of the {args.slots} slots")
+    import torch
+
+    from eep.engine.reference import single_process_outputs
+    from eep.engine.sampling import SamplingParams
     from eep.launcher import LaunchError
 
     from .launch import tiny_model
@@ -330,7 +334,13 @@ def run(args: argparse.Namespace) -> int:
     root = args.log_dir or tempfile.mkdtemp(prefix="eep-bench-recovery-")
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(3 + i % 6)] for i in range(args.prompts)]
     print(f"reference: {len(prompts)} prompts x {args.max_tokens} tokens, one process", flush=True)
-    expected = _reference(model_path, prompts, args.max_tokens, dtype, args.device)
+    expected = single_process_outputs(
+        model_path,
+        prompts,
+        [SamplingParams(max_tokens=args.max_tokens)] * len(prompts),
+        getattr(torch, dtype),
+        "cuda" if args.device == "cuda" else "cpu",
+    )
     results = {}
     for mode in modes:
         print(
@@ -350,22 +360,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(results, args.plot)
     return 0
-
-
-def _reference(model_path: str, prompts, max_tokens: int, dtype: str, device: str) -> list:
-    import torch
-
-    from eep.engine.engine import Engine
-    from eep.engine.sampling import SamplingParams
-    from eep.engine.sequence import Sequence
-    from eep.model.qwen3_moe import load_model
-
-    dev = "cuda" if device == "cuda" else "cpu"
-    engine = Engine(load_model(model_path, device=dev, dtype=getattr(torch, dtype)), kv_blocks=512)
-    for i, prompt in enumerate(prompts):
-        engine.add(Sequence(str(i), list(prompt), [], SamplingParams(max_tokens=max_tokens)))
-    out = engine.run_to_completion()
-    return [out[str(i)] for i in range(len(prompts))]
 
 
 def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:

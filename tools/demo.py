@@ -55,23 +55,11 @@ def _stream(url: str, prompt: list[int], max_tokens: int) -> tuple[list[int], li
     return tokens, times
 
 
-def _reference(model_path: str, prompts: list[list[int]], max_tokens: int, dtype) -> list:
-    from eep.engine.engine import Engine
-    from eep.engine.sampling import SamplingParams
-    from eep.engine.sequence import Sequence
-    from eep.model.qwen3_moe import load_model
-
-    engine = Engine(load_model(model_path, dtype=dtype), kv_blocks=512)
-    for i, prompt in enumerate(prompts):
-        engine.add(Sequence(str(i), list(prompt), [], SamplingParams(max_tokens=max_tokens)))
-    out = engine.run_to_completion()
-    return [out[str(i)] for i in range(len(prompts))]
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from eep.config import RuntimeConfig
+    from eep.engine.reference import single_process_outputs
+    from eep.engine.sampling import SamplingParams
     from eep.launcher import Cluster, ClusterOptions, LaunchError
     from eep.model.config import ModelConfig
 
@@ -92,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     )
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(3 + i % 6)] for i in range(args.requests)]
     tl.mark(f"computing the fault-free reference of {args.requests} requests (one process)")
-    expected = _reference(model_path, prompts, args.max_tokens, torch.float64)
+    expected = single_process_outputs(
+        model_path, prompts, [SamplingParams(max_tokens=args.max_tokens)] * len(prompts)
+    )
     tl.mark(
         f"starting etcd, coordinator, front-end and {args.slots} ranks "
         f"({'directly' if args.no_torchrun else 'one torchrun agent each'})"

@@ -11,7 +11,6 @@ from typing import Protocol
 import torch
 
 from eep.kernels.reference import select_replicas_ref
-from eep.kernels.routing import map_to_physical
 from eep.model.moe import MoEBlock
 
 
@@ -56,6 +55,10 @@ class FabricMoE:
         topk_ids, weights = moe.route(x)
         v = self.view
         if x.is_cuda:  # the Triton kernel: no host sync, graph-capturable
+            # imported here: a CPU rank never defines Triton kernels (and a CPU test process
+            # must set TRITON_INTERPRET before the first definition)
+            from eep.kernels.routing import map_to_physical
+
             phy = map_to_physical(
                 topk_ids.to(torch.int32), v.device_view, experts_per_slot=v.experts_per_slot
             )

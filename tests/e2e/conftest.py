@@ -11,12 +11,10 @@ import requests
 import torch
 
 from eep.config import RuntimeConfig
-from eep.engine.engine import Engine
+from eep.engine.reference import single_process_outputs
 from eep.engine.sampling import SamplingParams
-from eep.engine.sequence import Sequence
 from eep.launcher import Cluster, ClusterOptions
 from eep.model.config import ModelConfig
-from eep.model.qwen3_moe import load_model
 from eep.model.random_weights import write_random_checkpoint
 
 # float64 on the CPU: a rank batches other requests than the single-process reference does,
@@ -31,7 +29,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return path
 
 
-def start_cluster(model_dir: str, tmp_path, torchrun: bool, slots: int = 4) -> Cluster:
+def start_cluster(
+    model_dir: str, tmp_path, torchrun: bool, slots: int = 4, baseline: bool = False
+) -> Cluster:
     cfg = RuntimeConfig(
         cluster=f"e2e-{uuid.uuid4().hex[:6]}",
         model_path=model_dir,
@@ -41,17 +41,13 @@ def start_cluster(model_dir: str, tmp_path, torchrun: bool, slots: int = 4) -> C
         ttl_s=2,
         exchange_timeout_s=2.0,
     )
-    opts = ClusterOptions(cfg, torchrun=torchrun, log_dir=str(tmp_path))
+    opts = ClusterOptions(cfg, torchrun=torchrun, log_dir=str(tmp_path), baseline=baseline)
     return Cluster(opts).start(timeout_s=180)
 
 
 def reference_outputs(model_dir: str, prompts: list[list[int]], params: list[SamplingParams]):
     """The single-process result: one engine, every expert local."""
-    engine = Engine(load_model(model_dir, dtype=getattr(torch, DTYPE)), kv_blocks=512)
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        engine.add(Sequence(str(i), list(prompt), [], p))
-    out = engine.run_to_completion()
-    return [out[str(i)] for i in range(len(prompts))]
+    return single_process_outputs(model_dir, prompts, params, getattr(torch, DTYPE))
 
 
 def complete(url: str, body: dict, timeout_s: float = 120) -> dict:

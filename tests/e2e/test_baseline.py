@@ -7,17 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from eep.config import RuntimeConfig
 from eep.engine.sampling import SamplingParams
-from eep.launcher import Cluster, ClusterOptions
-from eep.model.config import ModelConfig
 
-from .conftest import DTYPE, complete, prompts_for, reference_outputs
+from .conftest import complete, prompts_for, reference_outputs, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +22,7 @@ SLOTS = 4
 
 @pytest.fixture
 def cluster(tiny_model_dir, tmp_path):
-    cfg = RuntimeConfig(
-        cluster=f"e2e-base-{uuid.uuid4().hex[:6]}",
-        model_path=tiny_model_dir,
-        num_slots=SLOTS,
-        experts_per_slot=-(-2 * ModelConfig.tiny().num_experts // SLOTS),
-        dtype=DTYPE,
-        ttl_s=2,
-        exchange_timeout_s=2.0,
-    )
-    c = Cluster(ClusterOptions(cfg, log_dir=str(tmp_path), baseline=True)).start(timeout_s=180)
+    c = start_cluster(tiny_model_dir, tmp_path, torchrun=True, slots=SLOTS, baseline=True)
     yield c
     c.stop()
 
