@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -212,11 +211,6 @@ class Cluster:
         for slot in range(self.cfg.num_slots):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(status_path(self.cfg.cluster, slot))
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self.opts.log_dir is None and self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -391,12 +391,6 @@ class WatchStream:
             raise item
         return item
 
-    def __iter__(self) -> Iterator[WatchBatch]:
-        while not self._closed.is_set():
-            batch = self.get(0.5)
-            if batch is not None:
-                yield batch
-
     def close(self) -> None:
         """End the stream. The reader thread is blocked in a read on the socket, and closing
         the response from here would wait for it; shutting the socket down wakes it."""
