@@ -10,8 +10,10 @@ setup:
 test: setup
 	$(PY) -m pytest -m "not gpu and not multigpu" $(PYTEST_ARGS)
 
+# on the GPU machine (its own torch; no venv): `source .gpu-bundle/setup.sh` first, which
+# brings the Mooncake CUDA build, etcd and etcd3gw (see ../shared/gpu/make-bundle)
 test-gpu:
-	python3 -m pytest -m "gpu or multigpu" $(PYTEST_ARGS)
+	PYTHONPATH=.:$$PYTHONPATH python3 -m pytest -m "gpu or multigpu" $(PYTEST_ARGS)
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
