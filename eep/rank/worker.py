@@ -30,7 +30,7 @@ import torch
 
 from eep.config import RuntimeConfig
 from eep.engine.engine import Engine, TokenEvent
-from eep.engine.kv_cache import BlockTable, KVCache, KVCacheConfig
+from eep.engine.kv_cache import BlockTable, KVCache, KVCacheConfig, KVCacheFull
 from eep.engine.moe_exec import FabricMoE
 from eep.engine.sampling import SamplingParams
 from eep.engine.sequence import Sequence
@@ -413,8 +413,13 @@ class Worker:
     def migrate_in(self, seq: Sequence, kv: dict) -> None:
         """Take over a request with its KV: reserve blocks, read the holder's blocks into
         them (verified); if that fails, recompute them (prefill) instead."""
-        self.engine.kv.reserve(seq.table, seq.max_len)
         src = list(kv["blocks"])
+        try:
+            self.engine.kv.reserve(seq.table, seq.max_len)
+        except KVCacheFull:  # no room now: queue it and recompute its KV when it fits
+            self.engine.add(seq)
+            self.link.send({"type": "migrated", "id": seq.request_id, "ok": False})
+            return
         started = time.monotonic()
         try:
             peer = self.manifests.get(kv["holder"]).peer
