@@ -25,6 +25,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+from .common import scrape_metrics
+
 MODES = ("elastic", "baseline")
 
 
@@ -476,16 +478,10 @@ def _await_recovery(cluster, load: Load, args, steady: float, kill: float, old: 
 def _metrics(url: str) -> dict[str, float]:
     import requests
 
-    out = {}
     try:
-        text = requests.get(f"{url}/metrics", timeout=10).text
+        return scrape_metrics(url, timeout_s=10)
     except requests.RequestException:
-        return out
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.partition(" ")
-            out[name] = float(value)
-    return out
+        return {}
 
 
 def _reap(pid: int | None) -> None:

@@ -46,3 +46,17 @@ def load_callable(spec: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"cannot load planner {spec!r}: {exc}") from exc
+
+
+def scrape_metrics(url: str, timeout_s: float = 30.0) -> dict[str, float]:
+    """The front-end's ``/metrics`` (Prometheus text) as ``{name: value}``."""
+    import requests
+
+    resp = requests.get(f"{url}/metrics", timeout=timeout_s)
+    resp.raise_for_status()
+    out = {}
+    for line in resp.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition(" ")
+            out[name] = float(value)
+    return out

@@ -19,6 +19,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from .common import scrape_metrics
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=4, help="ranks to start (default 4)")
@@ -136,19 +138,11 @@ def _drive(cluster, args, tl: _Timeline, prompts, expected) -> int:
     print("\ninvariants")
     print(f"  requests lost:                          {lost}")
     print(f"  outputs equal to the fault-free run:    {equal}/{len(results)}")
-    dup = _metric(cluster.url, "eep_duplicate_tokens_total")
+    metrics = scrape_metrics(cluster.url)
+    dup = metrics.get("eep_duplicate_tokens_total", float("nan"))
     print(f"  tokens duplicated or out of order:      {dup:.0f}")
-    requeued = _metric(cluster.url, "eep_requeued_total")
+    requeued = metrics.get("eep_requeued_total", float("nan"))
     print(f"  requests re-queued off the dead slot:   {requeued:.0f}")
     ok = lost == 0 and equal == len(results) and dup == 0 and back is not None
     print(f"\n{'OK' if ok else 'FAILED'}: logs in {cluster.workdir}")
     return 0 if ok else 1
-
-
-def _metric(url: str, name: str) -> float:
-    import requests
-
-    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return float("nan")

@@ -5,15 +5,14 @@ duplicated or skipped. Wall-clock bounds are generous timeouts, never speed asse
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from eep.engine.sampling import SamplingParams
+from eep.tools.common import scrape_metrics
 
 from .conftest import complete, prompts_for, reference_outputs, start_cluster
 
@@ -28,8 +27,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
 
 
 def _metric(url: str, name: str) -> float:
-    text = requests.get(f"{url}/metrics", timeout=30).text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return scrape_metrics(url)[name]
 
 
 def _load_with_kills(cluster, model_dir, kill_slots, n=12, max_tokens=28, sig=signal.SIGKILL):
