@@ -139,8 +139,9 @@ def _dispatch_send_kernel(
             w = tl.load(topk_weights_ptr + flat, mask=i_mask, other=0.0)
             tl.store(weights + row0 + i, w, mask=i_mask)
     if h_block == 0:
-        counts = (base + off_count).to(tl.pointer_type(tl.int32))
-        tl.store(counts + src_rank * EXPERTS_PER_SLOT + local_expert, count)
+        if dst_live:  # a dead slot's buffer may not be mapped here (address 0)
+            counts = (base + off_count).to(tl.pointer_type(tl.int32))
+            tl.store(counts + src_rank * EXPERTS_PER_SLOT + local_expert, count)
 
     tag = _make_tag(tl.load(epoch_ptr), tl.load(step_ptr) + 1)
     flag = (base + off_flag).to(tl.pointer_type(tl.int64)) + src_rank
@@ -190,6 +191,8 @@ def _wait_kernel(
     recv_m_ptr,
     suspect_ptr,
     status_ptr,
+    step_suspect_ptr,
+    step_status_ptr,
     rank_mask_ptr,
     epoch_ptr,
     step_ptr,
@@ -204,7 +207,12 @@ def _wait_kernel(
 ):
     """Dispatch (``IS_DISPATCH``): waits for step ``step + 1``, writes ``recv_m`` ``[L, S]``
     (0 for senders that did not arrive), resets ``suspect``/``status``, then advances ``step``.
-    Combine: waits for step ``step`` from slots not already suspect; ORs into ``suspect``."""
+    Combine: waits for step ``step`` from slots not already suspect; ORs into ``suspect``.
+
+    ``step_suspect`` ``[S]``/``step_status`` ``[1]`` accumulate over the exchanges of one engine
+    step (the caller reads them once per step and zeroes them): a slot that timed out earlier
+    in the step is not waited for again (it counts as suspect), so a dead peer costs one
+    ``timeout_ns`` per step, not one per exchange."""
     slots = tl.arange(0, BLOCK_S)
     slot_mask = slots < NUM_SLOTS
     epoch = tl.load(epoch_ptr)
@@ -212,8 +220,11 @@ def _wait_kernel(
     if IS_DISPATCH:
         step = step + 1
     expect = slot_mask
+    earlier = tl.zeros((BLOCK_S,), tl.int32)
     if ELASTIC:
         expect = expect & (tl.load(rank_mask_ptr + slots, mask=slot_mask, other=0) != 0)
+        earlier = tl.load(step_suspect_ptr + slots, mask=slot_mask, other=0)
+        expect = expect & (earlier == 0)
         if not IS_DISPATCH:
             expect = expect & (tl.load(suspect_ptr + slots, mask=slot_mask, other=1) == 0)
     state = _wait_flags(
@@ -233,7 +244,7 @@ def _wait_kernel(
             volatile=True,
         )
         tl.store(recv_m_ptr + experts[:, None] * NUM_SLOTS + slots[None, :], counts, mask=m2)
-        tl.store(suspect_ptr + slots, timed_out, mask=slot_mask)
+        tl.store(suspect_ptr + slots, timed_out | earlier, mask=slot_mask)
         tl.store(status_ptr, status)
         tl.debug_barrier()
         tl.store(step_ptr, step)
@@ -241,6 +252,9 @@ def _wait_kernel(
         old = tl.load(suspect_ptr + slots, mask=slot_mask, other=0)
         tl.store(suspect_ptr + slots, old | timed_out, mask=slot_mask)
         tl.store(status_ptr, tl.load(status_ptr) | status)
+    if ELASTIC:
+        tl.store(step_suspect_ptr + slots, earlier | timed_out, mask=slot_mask)
+        tl.store(step_status_ptr, tl.load(step_status_ptr) | status)
 
 
 @triton.jit

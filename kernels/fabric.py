@@ -85,6 +85,8 @@ class EpFabric:
     ``suspect_mask`` ``[S]`` int32 (1 = a live-marked peer did not deliver within
     ``timeout_us``), ``status`` ``[1]`` int32 (bit 1 timeout, bit 2 newer epoch seen: abandon the
     step). A step with a nonzero ``status`` is invalid and must be discarded by the caller.
+    ``step_status``/``step_suspects`` OR those over every exchange since
+    :meth:`reset_step_status`: an engine reads them once per step instead of after each wait.
     """
 
     def __init__(
@@ -111,6 +113,8 @@ class EpFabric:
         self.recv_m = torch.zeros(e, s, **i32)
         self.suspect_mask = torch.zeros(s, **i32)
         self.status = torch.zeros(1, **i32)
+        self.step_suspects = torch.zeros(s, **i32)
+        self.step_status = torch.zeros(1, **i32)
         self._send_done = torch.zeros(s, **i32)
         self._combine_done = torch.zeros(s, **i32)
         self._send_list = torch.zeros(s * e, c, **i32)
@@ -134,6 +138,12 @@ class EpFabric:
         for n in shape:
             nbytes *= n
         return self.buf[start : start + nbytes].view(dtype).view(shape)
+
+    def reset_step_status(self) -> None:
+        """Zeroes ``step_status``/``step_suspects`` (stream-ordered): call once per engine step,
+        after reading them. A slot in ``step_suspects`` is not waited for until then."""
+        self.step_status.zero_()
+        self.step_suspects.zero_()
 
     def set_step(self, value: int = 0) -> None:
         """Sets the step counter (stream-ordered). Every live rank must use the same counter
@@ -239,7 +249,8 @@ class EpFabric:
         flag = self._dispatch_flag if is_dispatch else self._combine_flag
         k._wait_kernel[(1,)](
             flag, self._recv_count, self.recv_m, self.suspect_mask, self.status,
-            self.view.rank_mask, self.view.epoch, self.step, cfg.timeout_us * 1000,
+            self.step_suspects, self.step_status, self.view.rank_mask, self.view.epoch,
+            self.step, cfg.timeout_us * 1000,
             NUM_SLOTS=cfg.num_slots, EXPERTS_PER_SLOT=cfg.experts_per_slot,
             BLOCK_S=k.next_pow2(cfg.num_slots), BLOCK_L=k.next_pow2(cfg.experts_per_slot),
             IS_DISPATCH=is_dispatch, ELASTIC=cfg.elastic, USE_GLOBALTIMER=self._use_timer,

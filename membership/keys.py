@@ -10,6 +10,7 @@
 | /eep/<cluster>/coordinator            | coordinator, leased    | leader's identity          |
 | /eep/<cluster>/manifests/<slot>       | rank                   | weight arena layout        |
 | /eep/<cluster>/manifests/backup-<n>   | host backup holder     | weight arena layout        |
+| /eep/<cluster>/fabric/<slot>          | rank (symm), leased    | IPC handle of its buffer   |
 | /eep/<cluster>/frontend               | front-end, leased      | address                    |
 """
 
@@ -68,6 +69,10 @@ class Keys:
 
     def manifest(self, slot: int) -> str:
         return f"{self.manifests}{slot}"
+
+    def fabric(self, slot: int) -> str:
+        """The ``symm`` fabric buffer a slot's incarnation exported (lease-bound)."""
+        return f"{self.prefix}fabric/{slot}"
 
     @property
     def frontend(self) -> str:

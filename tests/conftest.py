@@ -12,6 +12,21 @@ import torch
 # before the first @triton.jit definition, which any test package may trigger at collection.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import numpy as np
+    import triton.runtime.interpreter as _interp
+
+    # Triton 3.6's interpreter turns a scalar into an int with int(array), which numpy >= 2.4
+    # refuses for the 1-element arrays it holds (so `range(0, n)` over a kernel argument
+    # fails). Take the element explicitly; on GPUs the interpreter is not used.
+    _patch_lang_tensor = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor_np24(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(
+            tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0])
+        )
+
+    _interp._patch_lang_tensor = _patch_lang_tensor_np24
 
 # etcd fixtures import the membership package lazily: the GPU machine runs the kernel tests
 # without the etcd client installed.

@@ -13,6 +13,7 @@ side by side with the ratios, and written as JSON and a PNG.
 from __future__ import annotations
 
 import argparse
+import builtins
 import itertools
 import json
 import os
@@ -47,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bin", type=float, default=0.5, help="throughput bin in s (0.5)")
     parser.add_argument("--window", type=float, default=3.0, help="recovery window in s (3)")
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (3)")
+    parser.add_argument(
+        "--exchange-timeout",
+        type=float,
+        default=None,
+        help="bounded wait on a peer per step in s (default 2 on cpu, 0.5 on cuda)",
+    )
     parser.add_argument("--modes", default="elastic,baseline", help="runs, in order")
     parser.add_argument("--log-dir", default=None, help="keep the clusters' logs here")
     parser.add_argument("--out", default="bench-recovery.json", help="JSON results")
@@ -343,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
         getattr(torch, dtype),
         "cuda" if args.device == "cuda" else "cpu",
     )
-    results = {}
+    results, failed = {}, {}
     for mode in modes:
         print(
             f"\n== {mode}: {args.slots} slots, {args.clients} clients, {args.fault} slot "
@@ -353,15 +360,28 @@ def run(args: argparse.Namespace) -> int:
         try:
             results[mode] = _run_mode(mode, args, model_path, dtype, prompts, expected, root)
         except (LaunchError, BenchError) as exc:
-            print(f"eep bench recovery: {mode}: {exc}")
-            return 1
-    report = _report(args, results, model_path, dtype)
+            print(f"eep bench recovery: {mode}: {exc}", flush=True)
+            failed[mode] = str(exc)
+            continue
+        _write(args, results, failed, model_path, dtype, final=False)  # kept if a later run dies
+    if not results:
+        return 1
+    _write(args, results, failed, model_path, dtype, final=True)
+    return 1 if failed else 0
+
+
+def _write(args, results: dict, failed: dict, model_path: str, dtype: str, final: bool) -> None:
+    """The report of the runs done so far: printed (once, at the end), JSON and plot."""
+    report = _report(args, results, model_path, dtype, quiet=not final)
+    report["failed"] = failed
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out}")
+    if final:
+        for mode, why in failed.items():
+            print(f"  {mode}: did not complete ({why})")
+        print(f"\nwrote {args.out}")
     if args.plot:
         _plot(results, args.plot)
-    return 0
 
 
 def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
@@ -379,6 +399,8 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
         device=args.device,
         dtype=dtype,
         ttl_s=args.ttl,
+        fabric=_fabric(args.device, mode),
+        exchange_timeout_s=args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0),
     )
     log_dir = os.path.join(root, mode)
     os.makedirs(log_dir, exist_ok=True)
@@ -443,6 +465,13 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
     return {**run, "timeline": asdict(tl), "invariants": inv, "log_dir": log_dir}
 
 
+def _fabric(device: str, mode: str) -> str:
+    """CPU: shm in both modes; GPU: the Triton kernels (symm), the baseline on NCCL."""
+    if device == "cpu":
+        return "shm"
+    return "nccl" if mode == "baseline" else "symm"
+
+
 def _await_recovery(cluster, load: Load, args, steady: float, kill: float, old: int) -> float:
     """Until the slot is back in a full view and throughput is back, plus ``--tail``; at most
     ``--duration`` after the fault. Returns when the load was told to stop."""
@@ -504,6 +533,10 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _ratio(ours, base) -> dict | None:
     if ours is None or base is None or ours <= 0 or base <= 0:
         return None
@@ -515,8 +548,9 @@ def _ratio_text(r: dict) -> str:
     return f"{r['ours_s']:.2f} s vs {r['baseline_s']:.2f} s = {x:.3f}x ({1 / x:.1f}x shorter)"
 
 
-def _report(args, results: dict, model_path: str, dtype: str) -> dict:
+def _report(args, results: dict, model_path: str, dtype: str, quiet: bool = False) -> dict:
     modes = list(results)
+    print = _silent if quiet else builtins.print  # noqa: A001
     print("\nseconds after the fault")
     print(f"  {'phase':<38}" + "".join(f"{m:>12}" for m in modes))
     for label, key in PHASES:

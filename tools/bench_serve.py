@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="eep-bench-serve-") as tmp:
         model_dir = args.model or _random_checkpoint(args, tmp)
-        per_rank = _spawn(args, model_dir)
+        per_rank = _spawn(args, model_dir, tmp)
     if per_rank is None:
         return 1
     report = _summarise(args, per_rank)
@@ -90,7 +90,7 @@ def _dtype(args: argparse.Namespace) -> str:
     return args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
 
-def _spawn(args: argparse.Namespace, model_dir: str) -> list[dict] | None:
+def _spawn(args: argparse.Namespace, model_dir: str, tmp: str) -> list[dict] | None:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -98,7 +98,7 @@ def _spawn(args: argparse.Namespace, model_dir: str) -> list[dict] | None:
         addr = f"127.0.0.1:{s.getsockname()[1]}"
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(args.slots), ctx.Queue()
-    opts = dict(vars(args), model_dir=model_dir, store_addr=addr, run=uuid.uuid4().hex[:8])
+    opts = dict(vars(args), model_dir=model_dir, store_addr=addr, run=uuid.uuid4().hex[:8], tmp=tmp)
     opts.pop("_module", None)
     procs = [
         ctx.Process(target=_worker, args=(slot, opts, barrier, results), daemon=True)
@@ -165,11 +165,12 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
         cluster = f"bench{opts['run']}{name.replace('-', '')}"
         fabric = make_fabric(
             kind, cluster, slot, 1, fabric_cfg, store_addr=opts["store_addr"], device=device,
-            elastic=elastic,
+            elastic=elastic, peer_info=_peer_info(opts["tmp"], cluster),
         )  # fmt: skip
-        barrier.wait(timeout=120)  # every shm segment exists before any peer maps it
         if kind == "symm":
             fabric.warm_up()
+            _publish(opts["tmp"], cluster, slot, fabric.export())
+        barrier.wait(timeout=120)  # every buffer exists before any peer maps it
         fabric.apply_view(1, members)
         fabrics[name] = fabric
     timings: dict[str, list[dict]] = {name: [] for name in fabrics}
@@ -187,6 +188,26 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
     for fabric in fabrics.values():
         fabric.close()  # the nccl fabric leaves the group alone: it did not create it
     return {"slot": slot, "timings": timings, "tokens": tokens}
+
+
+def _publish(tmp: str, cluster: str, slot: int, export: dict) -> None:
+    """A symm buffer's export, where the peers' ``_peer_info`` finds it (the runtime: etcd)."""
+    path = os.path.join(tmp, f"{cluster}-{slot}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"incarnation": 1, **export}, f)
+    os.replace(path + ".tmp", path)
+
+
+def _peer_info(tmp: str, cluster: str):
+    def find(slot: int, incarnation: int) -> dict | None:
+        try:
+            with open(os.path.join(tmp, f"{cluster}-{slot}.json")) as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            return None
+        return info if info["incarnation"] == incarnation else None
+
+    return find
 
 
 def _build(slot: int, opts: dict, device):

@@ -13,10 +13,10 @@ import torch
 
 from eep.model.qwen3_moe import Qwen3MoeModel
 
-from .attention import attend
+from .attention import BatchAttention
 from .kv_cache import KVCache, KVCacheConfig
 from .moe_exec import LocalMoE, MoEExecutor
-from .sampling import sample
+from .sampling import SamplingParams, sample
 from .sequence import FinishReason, Scheduled, Scheduler, Sequence
 
 
@@ -68,10 +68,14 @@ class Engine:
         batch = self.scheduler.schedule()
         ids, positions = self._inputs(batch)
         h = self.model.embed(ids)
+        plan = self._plan(batch) if batch else None
         for idx, layer in enumerate(self.model.layers):
-            h = h + self._attention(idx, layer, layer.input_layernorm(h), positions, batch)
+            h = h + self._attention(idx, layer, layer.input_layernorm(h), positions, plan)
             x = layer.post_attention_layernorm(h)
             h = h + (self.moe(idx, layer.moe, x) if layer.is_moe else layer.mlp(x))
+        end_step = getattr(self.moe, "end_step", None)
+        if end_step is not None:
+            end_step()  # a fabric that checks once per step raises ExchangeFailed here
         self.steps += 1
         return self._commit(batch, h)
 
@@ -83,18 +87,21 @@ class Engine:
         as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)
         return as_long(ids), as_long(positions)
 
-    def _attention(self, idx, layer, x, positions, batch) -> torch.Tensor:
+    def _plan(self, batch: list[Scheduled]) -> BatchAttention:
+        return BatchAttention(
+            [s.seq.table.blocks for s in batch],
+            [s.start for s in batch],
+            [s.count for s in batch],
+            self.kv.cfg.block_size,
+            self.device,
+        )
+
+    def _attention(self, idx, layer, x, positions, plan) -> torch.Tensor:
         attn = layer.self_attn
         q, k, v = attn.qkv(x, positions)
-        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-        at = 0
-        for s in batch:
-            span = slice(at, at + s.count)
-            self.kv.write(idx, s.seq.table, positions[span], k[span], v[span])
-            keys, values = self.kv.read(idx, s.seq.table, s.start + s.count)
-            out[span] = attend(q[span], keys, values, s.start)
-            at += s.count
-        return attn.out(out)
+        if plan is None:  # an empty step: nothing to attend, the exchange still happens
+            return attn.out(q.reshape(0, q.shape[1] * q.shape[2]))
+        return attn.out(plan(self.kv.arena, idx, q, k, v))
 
     def _commit(self, batch: list[Scheduled], h: torch.Tensor) -> list[TokenEvent]:
         ends = torch.tensor([0] + [s.count for s in batch]).cumsum(0)[1:] - 1
@@ -115,6 +122,14 @@ class Engine:
             if seq.finished:
                 self.scheduler.retire(seq)
         return events
+
+    def warm_up(self) -> None:
+        """One step of a one-token request (compiles and caches every kernel of a step);
+        its KV blocks are released and nothing of it stays."""
+        seq = Sequence("__warm_up__", [0], [], SamplingParams(max_tokens=1))
+        self.scheduler.add(seq)
+        while not seq.finished:
+            self.step()
 
     def run_to_completion(self, max_steps: int = 100_000) -> dict[str, list[int]]:
         """Step until no work is left (single-process use): ``{request_id: outputs}``."""

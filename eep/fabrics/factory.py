@@ -29,6 +29,7 @@ def make_fabric(
     elastic: bool = True,
     view=None,
     on_wait: Callable[[], None] = lambda: None,
+    peer_info: Callable[[int, int], dict | None] | None = None,
 ):
     """The ``kind`` fabric of ``slot``.
 
@@ -36,9 +37,10 @@ def make_fabric(
     - ``nccl``: the fixed-membership baseline (gloo on CPU, NCCL on ``cuda:i``); joins the
       default process group through the TCP store at ``store_addr`` (``host:port``, hosted by
       slot 0) unless this process is already in one; ``elastic`` does not apply.
-    - ``symm``: CUDA only; a collective construction (every slot together), through the same
-      process group; ``view`` is the ``DeviceView`` the kernels should read (the engine's, for
-      captured graphs), else the fabric keeps its own.
+    - ``symm``: CUDA only; nothing collective: peers' buffers are found through
+      ``peer_info(slot, incarnation)`` (the runtime reads them from etcd) when a view names
+      them; ``view`` is the ``DeviceView`` the kernels should read (the engine's, for captured
+      graphs), else the fabric keeps its own.
     """
     device = torch.device(device)
     if kind == "shm":
@@ -54,11 +56,13 @@ def make_fabric(
 
         return NcclFabric(slot, cfg, store_addr=store_addr, device=device)
     if kind == "symm":
-        from .nccl import ensure_process_group
         from .symm import SymmFabric
 
         if device.type != "cuda":
             raise ValueError(f"the symm fabric needs a CUDA device, got {device}; use shm.")
-        ensure_process_group(store_addr, slot, cfg.num_slots, "nccl", 60.0, device)
-        return SymmFabric(slot, cfg, view, newest_epoch, device=device, elastic=elastic)
+        if peer_info is None:
+            raise ValueError("the symm fabric needs peer_info to find its peers' buffers.")
+        return SymmFabric(
+            slot, cfg, view, newest_epoch, peer_info=peer_info, device=device, elastic=elastic
+        )
     raise ValueError(f"unknown fabric {kind!r}; choose one of {FABRICS}.")

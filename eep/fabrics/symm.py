@@ -1,28 +1,22 @@
-"""The ``symm`` fabric: ``eep.kernels.symm_buffer.SymmEpBuffer`` behind the engine's interface.
+"""The ``symm`` fabric: the Triton EP kernels over receive buffers shared by CUDA IPC.
 
-**GPU-untested**: written against the kernels' API and their GPU tests
-(``tests/kernels/_gpu_workers.py``) on a machine without a GPU; its own test
-(``tests/eep/test_symm_fabric_gpu.py``, ``multigpu``) has not run yet.
-
-What the adapter adds to the kernels:
-- ``apply_view(epoch, members)`` copies the rank mask and the epoch into the kernels'
-  ``DeviceView`` in place and resets the step counter, which every live rank must do at the
-  same step boundary (the kernels tag flags with ``(epoch, step)``);
-- the engine wants the received rows compacted (``recv.x`` ``[N, H]``, ``recv.local_expert``
-  ``[N]``), the kernels hand over ``[L, S * C, H]`` with ``recv_m`` ``[L, S]`` valid rows; the
-  compaction keeps expert-major, then sender, then flat ``t * K + k`` order, so each expert sees
-  its rows in the order the shm and nccl fabrics give them;
-- the kernels report a failed wait in ``status``/``suspect_mask`` without syncing the host;
-  the adapter reads them after each wait (it syncs anyway to compact) and raises
-  :class:`ExchangeFailed`;
-- combine sums the returned rows with ``weighted_sum`` (``reduce_in_kernel=False``, the
-  default), the math of every other path, so tokens are bit-identical across fabrics; the
-  kernel's own float32 reduction (``reduce_in_kernel=True``) rounds differently in bf16.
-
-Membership: the symmetric buffers are mapped once, collectively, by the ranks present at
-start. Slots may leave (their buffers stay mapped, stores into them never fault); a restarted
-slot cannot rejoin (its new buffer is not mapped here): :meth:`apply_view` raises
-:class:`RejoinUnsupported` for it.
+What the adapter adds to the kernels (``eep.kernels.ipc_buffer.IpcEpBuffer``):
+- membership: nothing collective. Each slot allocates its buffer alone and publishes
+  :meth:`SymmFabric.export` (the runtime puts it in etcd under the slot's lease);
+  ``apply_view(epoch, members)`` maps every member whose incarnation it has not mapped yet
+  (``peer_info(slot, incarnation)`` finds the export), so a restarted slot is taken back in
+  place: its new address goes into the kernels' ``peer_base`` tensor, the mask and the epoch
+  are copied into the ``DeviceView`` in place, and the step counter is reset. Every live
+  rank must do this at the same step boundary (the kernels tag flags with ``(epoch, step)``);
+- the step's outcome is read once per engine step (:meth:`end_step`), not after each wait:
+  the kernels OR every exchange's status into ``step_status`` and stop waiting for a slot
+  that timed out earlier in the step, so a dead peer costs one bounded wait and the step is
+  discarded at its end (:class:`ExchangeFailed`);
+- :meth:`run_moe`: dispatch, the grouped SwiGLU GEMM straight on the receive buffer (row
+  counts stay on the device, no host sync), combine, then ``weighted_sum`` in ``k`` order, the
+  math of every other path (``run_experts`` on CUDA uses the same GEMM kernel and tiles), so
+  tokens are identical across fabrics;
+- :meth:`dispatch`/:meth:`combine` keep the compacting interface of the CPU fabrics (tests).
 """
 
 from __future__ import annotations
@@ -32,9 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from eep.engine.moe_exec import weighted_sum
+from eep.engine.moe_exec import expert_tiles, weighted_sum
 from eep.kernels.config import EpConfig
 from eep.kernels.view import DeviceView
 
@@ -44,9 +37,7 @@ log = logging.getLogger(__name__)
 
 _STATUS_TIMEOUT, _STATUS_NEWER_EPOCH = 1, 2  # eep.kernels.ep_comm_kernels (needs Triton)
 
-
-class RejoinUnsupported(ValueError):
-    """A view re-admits a slot with a new incarnation; the symm buffers cannot map it."""
+PeerInfo = Callable[[int, int], "dict | None"]
 
 
 @dataclass(frozen=True)
@@ -71,9 +62,10 @@ def device_view_for(num_slots: int, device: torch.device | str) -> DeviceView:
 
 
 class SymmFabric:
-    """Dispatch/combine of one slot over a :class:`SymmEpBuffer` (collective construction: every
-    rank of ``group``, rank = slot). ``view`` is the ``DeviceView`` the kernels read, shared with
-    the engine's ``ViewState`` where captured graphs must see one set of tensors."""
+    """Dispatch/combine of one slot over an :class:`IpcEpBuffer`. ``view`` is the
+    ``DeviceView`` the kernels read, shared with the engine's ``ViewState`` where captured
+    graphs must see one set of tensors; ``peer_info(slot, incarnation)`` returns that
+    incarnation's :meth:`export` (``None``: not published, the slot is gone)."""
 
     def __init__(
         self,
@@ -82,16 +74,14 @@ class SymmFabric:
         view: DeviceView | None = None,
         newest_epoch: Callable[[], int] = lambda: 0,
         *,
-        group: dist.ProcessGroup | None = None,
+        peer_info: PeerInfo = lambda slot, incarnation: None,
         device: torch.device | str | None = None,
         elastic: bool = True,
-        reduce_in_kernel: bool = False,
+        buffer=None,
     ):
-        from eep.kernels.symm_buffer import SymmEpBuffer  # Triton + CUDA: import on use
-
         self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
         self.slot, self.cfg, self.newest_epoch = slot, cfg, newest_epoch
-        self.elastic, self.reduce_in_kernel = elastic, reduce_in_kernel
+        self.peer_info, self.elastic = peer_info, elastic
         self.view = view or device_view_for(cfg.num_slots, self.device)
         ep_cfg = EpConfig(
             num_slots=cfg.num_slots,
@@ -103,60 +93,143 @@ class SymmFabric:
             timeout_us=max(1, int(cfg.timeout_s * 1e6)),
             elastic=elastic,
         )
-        self.buf = SymmEpBuffer(ep_cfg, self.view, group, self.device)
-        if self.buf.rank != slot:
-            raise ValueError(f"slot {slot} is rank {self.buf.rank} of the group; rank = slot.")
-        self._group = group
+        if buffer is None:
+            from eep.kernels.ipc_buffer import IpcEpBuffer  # Triton + CUDA: import on use
+
+            buffer = IpcEpBuffer(ep_cfg, slot, self.view, self.device)
+        self.buf = buffer  # tests pass an EpFabric over host memory (Triton interpreter)
         s, e, c = cfg.num_slots, cfg.experts_per_slot, cfg.max_tokens
         self._y = torch.zeros(e, s * c, cfg.hidden, dtype=cfg.dtype, device=self.device)
         self._row_pos = torch.arange(c, device=self.device)
         self.epoch, self.members = 0, ()
-        self._incarnations: dict[int, int] = {}
+        self._incarnations: dict[int, int] = {}  # the incarnation mapped per peer slot
+
+    def export(self) -> dict:
+        """What a peer's ``peer_info`` must return for this slot (JSON-able); IPC only."""
+        return self.buf.export()
 
     # --- views -----------------------------------------------------------------------------
 
-    def warm_up(self) -> None:
-        """Collective, once, before the first view: one exchange at epoch 0 compiles the kernels
-        on every rank. Ranks compile at different speeds, so it may time out; its flags carry
-        epoch 0 and never match a step of epoch >= 1."""
-        saved = self.view.rank_mask.clone()
-        self.view.rank_mask.fill_(1)
-        x = torch.zeros(1, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device)
-        phy = torch.arange(self.cfg.topk, dtype=torch.int32, device=self.device)[None, :]
-        w = torch.zeros(1, self.cfg.topk, device=self.device)
-        recv_x, handle = self.buf.dispatch(x, phy, w)
-        self.buf.combine(recv_x, handle)
-        torch.cuda.synchronize(self.device)
-        dist.barrier(group=self._group, device_ids=[self.device.index])
-        self.view.rank_mask.copy_(saved)
+    def warm_up(self, run: Callable[[], object] | None = None) -> None:
+        """Compiles the kernels alone, before the first view: ``run`` (default: one exchange
+        with itself) runs with only this slot in the mask, at epoch 0, whose flags never match
+        a step of epoch >= 1. Nothing waits for a peer, so a restarted slot warms up while the
+        others serve. With checks off the kernels assume every slot live (and mapped), so
+        nothing can run alone: the first step compiles instead."""
+        if not self.elastic:
+            return
+        saved_mask, saved_epoch = self.view.rank_mask.clone(), self.view.epoch.clone()
+        self.view.rank_mask.zero_()
+        self.view.rank_mask[self.slot] = 1
+        self.view.epoch.zero_()
         self.buf.set_step(0)
+        if run is None:
+            x = torch.zeros(1, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device)
+            k = torch.arange(self.cfg.topk, device=self.device) % self.cfg.experts_per_slot
+            phy = (self.slot * self.cfg.experts_per_slot + k).to(torch.int32)[None, :]
+            w = torch.zeros(1, self.cfg.topk, device=self.device)
+            recv_x, handle = self.buf.dispatch(x, phy, w)
+            self.buf.combine(recv_x, handle)
+        else:
+            run()
+        self._sync()
+        status = int(self.buf.step_status.item())
+        if status:
+            raise RuntimeError(f"slot {self.slot}: the warm-up exchange failed (status {status})")
+        self.view.rank_mask.copy_(saved_mask)
+        self.view.epoch.copy_(saved_epoch)
+        self.buf.set_step(0)
+        self.buf.reset_step_status()
 
     def apply_view(self, epoch: int, members: dict[int, int]) -> None:
-        """Serve ``epoch`` with ``members`` (``{slot: incarnation}``): mask and epoch copied in
-        place, step counter reset. Every live slot must apply epoch N before its first step of
-        N, or its peers wait on flags still tagged with N - 1 (and abandon when they see N)."""
+        """Serve ``epoch`` with ``members`` (``{slot: incarnation}``): new incarnations
+        mapped, mask and epoch copied in place, step counter and step status reset. A member
+        whose buffer cannot be found (it died before this rank read its export) is left out
+        of this rank's mask: its peers time out on it and the next view removes it."""
         if self.slot not in members:
             raise ValueError(f"slot {self.slot}: view {epoch} does not include this slot.")
-        back = [s for s, inc in members.items() if self._incarnations.get(s, inc) != inc]
-        if back:
-            raise RejoinUnsupported(
-                f"slot {self.slot}: view {epoch} re-admits slots {back} with new incarnations; "
-                "the symm fabric maps peers' buffers once at start. Restart the cluster."
-            )
-        self._incarnations.update(members)
+        if members[self.slot] != self._incarnations.setdefault(self.slot, members[self.slot]):
+            raise ValueError(f"slot {self.slot}: view {epoch} names another incarnation of it.")
+        live = []
+        for s, inc in sorted(members.items()):
+            if s != self.slot and self._incarnations.get(s) != inc:
+                info = self.peer_info(s, inc)
+                if info is None:
+                    log.warning(
+                        "slot %d: view %d names slot %d incarnation %d, which published no "
+                        "fabric buffer; leaving it out",
+                        self.slot,
+                        epoch,
+                        s,
+                        inc,
+                    )
+                    continue
+                self.buf.map_peer(s, info)
+                self._incarnations[s] = inc
+                log.info("slot %d: mapped slot %d incarnation %d", self.slot, s, inc)
+            live.append(s)
         mask = torch.zeros(self.cfg.num_slots, dtype=torch.int32)
-        mask[list(members)] = 1
-        self.view.rank_mask.copy_(mask, non_blocking=True)
+        mask[live] = 1
+        self.view.rank_mask.copy_(mask)
         self.view.epoch.fill_(epoch)
         self.buf.set_step(0)
-        self.epoch, self.members = epoch, tuple(sorted(members))
+        self.buf.reset_step_status()
+        self.epoch, self.members = epoch, tuple(live)
         log.debug("slot %d: symm fabric serves epoch %d with %s", self.slot, epoch, self.members)
 
     def close(self) -> None:
-        """The symmetric buffer is freed with this object (after every peer stopped)."""
+        """Unmaps the peers and frees the buffer (after every peer stopped sending)."""
+        if self.buf is not None and hasattr(self.buf, "close"):
+            self.buf.close()
         self.buf = None
 
-    # --- the exchange ----------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --- the step --------------------------------------------------------------------------
+
+    def end_step(self) -> None:
+        """Once per engine step, after its last exchange: raises :class:`ExchangeFailed` if
+        any exchange of the step timed out or met a peer in a newer epoch (the one host
+        sync). A step whose exchanges all completed is valid under the view it ran in."""
+        if not self.elastic:
+            return
+        status = int(self.buf.step_status.item())
+        if not status:
+            return  # every exchange completed: valid, even if a newer view exists by now
+        suspects = tuple(self.buf.step_suspects.nonzero().view(-1).tolist())
+        self.buf.reset_step_status()
+        if status & _STATUS_NEWER_EPOCH:
+            flags = torch.cat([self.buf._dispatch_flag, self.buf._combine_flag])
+            seen = max(self.newest_epoch(), int((flags >> 32).max()))
+            raise ExchangeFailed(FailureReason.NEWER_EPOCH, self.epoch, newer_epoch=seen)
+        raise ExchangeFailed(FailureReason.TIMEOUT, self.epoch, suspects)
+
+    def run_moe(
+        self, moe, x: torch.Tensor, topk_phy: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One MoE layer without a host sync: ``x`` ``[T, H]`` -> ``[T, H]`` (``x.dtype``)."""
+        from eep.kernels.grouped_gemm import grouped_swiglu
+
+        cfg, tiles = self.cfg, expert_tiles()
+        s, e, c = cfg.num_slots, cfg.experts_per_slot, cfg.max_tokens
+        recv_x, kh = self.buf.dispatch(
+            x.to(cfg.dtype), topk_phy.to(torch.int32), topk_weights.float()
+        )
+        y = grouped_swiglu(
+            recv_x.view(e * s, c, cfg.hidden),
+            kh.recv_m.view(-1),
+            moe.w_gate_up,
+            moe.w_down,
+            groups_per_expert=s,
+            out=self._y.view(e * s, c, cfg.hidden),
+            gate_up_tiles=tiles,
+            down_tiles=tiles,
+        )
+        return self._combine_rows(y, kh).to(x.dtype)
+
+    # --- the compacting interface of the CPU fabrics -----------------------------------------
 
     def dispatch(
         self, x: torch.Tensor, topk_phy: torch.Tensor, topk_weights: torch.Tensor
@@ -167,7 +240,6 @@ class SymmFabric:
         recv_x, handle = self.buf.dispatch(
             x.to(cfg.dtype), topk_phy.to(torch.int32), topk_weights.float()
         )
-        self._check_status("dispatch")
         valid = self._row_pos < handle.recv_m.unsqueeze(-1).long()  # [L, S, C]
         rows = valid.view(-1).nonzero().view(-1)
         per_expert = cfg.num_slots * cfg.max_tokens
@@ -176,32 +248,17 @@ class SymmFabric:
 
     def combine(self, y: torch.Tensor, handle: SymmHandle) -> torch.Tensor:
         """Expert outputs ``y`` ``[N, H]`` (rows of the dispatch's ``recv``) -> ``[T, H]``."""
-        cfg, kh = self.cfg, handle.kernel
-        self._y.view(-1, cfg.hidden).index_copy_(0, handle.rows, y.to(cfg.dtype))
-        if self.reduce_in_kernel:
-            out = self.buf.combine(self._y, kh)
-            self._check_status("combine")
-            return out
-        self.buf.combine_send(self._y, kh)
+        self._y.view(-1, self.cfg.hidden).index_copy_(0, handle.rows, y.to(self.cfg.dtype))
+        return self._combine_rows(self._y, handle.kernel)
+
+    def _combine_rows(self, y: torch.Tensor, kh) -> torch.Tensor:
+        cfg = self.cfg
+        self.buf.combine_send(y, kh)
         self.buf._launch_wait(is_dispatch=False)  # the wait half of combine_recv
-        self._check_status("combine")
         per_k = self.buf._combine_buf[: kh.num_tokens * cfg.topk]
+        # Dropped entries (-1) hold stale rows. So do entries of a suspect slot, but a suspect
+        # fails the step (end_step), and routing never picks a slot outside the mask: with
+        # checks on or off, only the dropped ones need masking here.
         ok = kh.topk_phy.reshape(-1) >= 0
-        if self.elastic:  # entries of a dead or suspect slot hold stale rows
-            slot = kh.topk_phy.reshape(-1).long().clamp(min=0) // cfg.experts_per_slot
-            ok &= (self.view.rank_mask[slot] != 0) & (self.buf.suspect_mask[slot] == 0)
         per_k = torch.where(ok.unsqueeze(-1), per_k, torch.zeros((), dtype=per_k.dtype))
         return weighted_sum(per_k, kh.topk_weights.to(cfg.dtype))
-
-    def _check_status(self, phase: str) -> None:
-        if not self.elastic:
-            return
-        status = int(self.buf.status.item())  # host sync: the step's outcome
-        newest = self.newest_epoch()
-        if status & _STATUS_NEWER_EPOCH or newest > self.epoch:
-            flags = self.buf._dispatch_flag if phase == "dispatch" else self.buf._combine_flag
-            seen = max(newest, int((flags >> 32).max()))
-            raise ExchangeFailed(FailureReason.NEWER_EPOCH, self.epoch, newer_epoch=seen)
-        if status & _STATUS_TIMEOUT:
-            suspects = tuple(self.buf.suspect_mask.nonzero().view(-1).tolist())
-            raise ExchangeFailed(FailureReason.TIMEOUT, self.epoch, suspects)

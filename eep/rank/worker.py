@@ -153,6 +153,8 @@ class Worker:
         )
         from eep.model.config import ModelConfig
 
+        if cfg.device != "cpu":
+            torch.cuda.set_device(device)  # NCCL and the IPC buffer use the current device
         model_cfg = ModelConfig.from_dir(cfg.model_path)
         placement = initial_placement(model_cfg.num_experts, cfg.num_slots, cfg.experts_per_slot)
         eps = cfg.experts_per_slot
@@ -198,10 +200,9 @@ class Worker:
             elastic=cfg.elastic,
             view=self.view_state.device_view if cfg.fabric == "symm" else None,
             on_wait=self.status.bump,
+            peer_info=self._fabric_peer,
         )
-        if cfg.fabric == "symm":
-            self.fabric.warm_up()  # a collective: every slot starts together
-        return Engine(
+        engine = Engine(
             model,
             cfg.kv_blocks,
             cfg.block_size,
@@ -209,6 +210,24 @@ class Worker:
             moe=FabricMoE(self.fabric, self.view_state),
             kv_buffer=self.kv_arena.buffer,
         )
+        if cfg.fabric == "symm":
+            # alone (no peer waits): every kernel of a step compiled before `ready`, so the
+            # survivors never wait on a compile when this slot joins
+            self.fabric.warm_up(engine.warm_up)
+            self.events.emit("warmed_up", slot=self.slot, incarnation=self.incarnation)
+            export = {"incarnation": self.incarnation, **self.fabric.export()}
+            self.client.put(
+                self.keys.fabric(self.slot), json.dumps(export), lease=self.status.get("lease_id")
+            )
+        return engine
+
+    def _fabric_peer(self, slot: int, incarnation: int) -> dict | None:
+        """``slot``'s published symm buffer if it is ``incarnation``'s, else ``None``."""
+        kv = self.client.get(self.keys.fabric(slot))
+        if kv is None:
+            return None
+        info = kv.json()
+        return info if info.get("incarnation") == incarnation else None
 
     def _newest_epoch(self) -> int:
         latest = self.watcher.latest

@@ -155,6 +155,7 @@ def kill_worker(rank: int, world: int, victim: int, timeout_us: int):
     mask[victim] = 0
     buf.view.update_(mask, buf.view.log2phy.cpu(), buf.view.replica_count.cpu(), 2)
     buf.set_step(0)
+    buf.reset_step_status()
     for step in range(3):
         _exchange(buf, 4000 + step, [64, 5, 1, 30][:world], survivors, errors)
     result["errors"] = errors
@@ -273,5 +274,6 @@ def graph_worker(rank: int, world: int):
     if rank != gone:  # the excluded slot stops taking part
         buf.view.update_(new_mask, new_log2phy, new_count, 2)
         buf.set_step(0)
+        buf.reset_step_status()
         check("view2", new_mask, new_log2phy, new_count, [r for r in range(world) if r != gone])
     return {"errors": errors, "results": results}

@@ -117,11 +117,31 @@ def test_silent_peer_is_flagged_suspect_then_masked_and_survivors_keep_exchangin
     for r in survivors:
         fabrics[r].view.rank_mask[1] = 0
         fabrics[r].set_step(0)
+        assert fabrics[r].step_status.item() == STATUS_TIMEOUT
+        assert fabrics[r].step_suspects.tolist() == [0, 1, 0]
+        fabrics[r].reset_step_status()
     for _ in range(2):
         xs, phys, ws = _inputs(gen, [6, 5, 4], dead=frozenset({1}))
         _check_step(fabrics, xs, phys, ws, survivors, *_run_step(fabrics, xs, phys, ws, survivors))
         for r in survivors:
             assert fabrics[r].status.item() == 0 and not fabrics[r].suspect_mask.any()
+
+
+def test_a_slot_that_timed_out_earlier_in_the_step_is_not_waited_for_again():
+    gen = torch.Generator().manual_seed(4)
+    fabrics = _fabrics(timeout_us=10**9)  # waiting on slot 1 again would hang the test
+    survivors = [0, 2]
+    for r in survivors:  # an earlier exchange of this engine step timed out on slot 1
+        fabrics[r].step_suspects[1] = 1
+        fabrics[r].step_status.fill_(STATUS_TIMEOUT)
+    xs, phys, ws = _inputs(gen, [6, 5, 4], dead=frozenset({1}))
+    outs = _run_step(fabrics, xs, phys, ws, survivors)
+    for r in survivors:
+        assert fabrics[r].suspect_mask.tolist() == [0, 1, 0]
+        assert fabrics[r].status.item() == 0  # this exchange itself had nothing to wait for
+        assert fabrics[r].step_status.item() == STATUS_TIMEOUT  # the step stays invalid
+        assert fabrics[r].recv_m[:, 1].eq(0).all()
+    _check_step(fabrics, xs, phys, ws, survivors, *outs)
 
 
 def test_a_newer_epoch_abandons_the_step_without_waiting_for_the_timeout():
