@@ -34,10 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fabric",
-        choices=["shm", "nccl"],
-        default="shm",
-        help="data plane: shm (elastic, CPU processes on one host) or nccl (the fixed-"
-        "membership baseline's collectives; gloo on the CPU; only with --baseline)",
+        choices=["shm", "symm", "nccl"],
+        default=None,
+        help="data plane: shm (elastic, CPU processes on one host; the CPU default), symm "
+        "(elastic, the Triton kernels over CUDA IPC buffers; the GPU default) or nccl (the "
+        "fixed-membership baseline's collectives, its GPU default; gloo on the CPU; only with "
+        "--baseline)",
+    )
+    parser.add_argument(
+        "--exchange-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="bounded wait on a peer per step before the step is discarded (default 2 s on "
+        "cpu, 0.5 s on cuda)",
     )
     parser.add_argument("--etcd", default=None, help="use this etcd (default: start one)")
     parser.add_argument("--cluster", default=None, help="cluster name (default: random)")
@@ -79,6 +89,13 @@ def runtime_config(args: argparse.Namespace, model_path: str):
     from eep.model.config import ModelConfig
 
     num_experts = ModelConfig.from_dir(model_path).num_experts
+    gpu_default = "nccl" if getattr(args, "baseline", False) else "symm"
+    fabric = args.fabric or (gpu_default if args.device == "cuda" else "shm")
+    if (fabric, args.device) in (("symm", "cpu"), ("shm", "cuda")):
+        raise SystemExit(
+            f"--fabric {fabric} does not run on --device {args.device}: "
+            "shm is for CPU processes, symm for GPUs"
+        )
     eps = args.experts_per_slot or -(-2 * num_experts // args.slots)
     return RuntimeConfig(
         cluster=args.cluster or f"eep-{uuid.uuid4().hex[:6]}",
@@ -87,8 +104,9 @@ def runtime_config(args: argparse.Namespace, model_path: str):
         experts_per_slot=eps,
         device=args.device,
         dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
-        fabric=args.fabric,
+        fabric=fabric,
         ttl_s=args.ttl,
+        exchange_timeout_s=args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0),
     )
 
 

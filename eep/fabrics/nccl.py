@@ -17,7 +17,11 @@ accepts only the full membership it started with. A missing peer is not survivab
 (gloo) each collective is bounded by ``cfg.timeout_s`` and then raises
 :class:`CollectiveFailed`; on GPU (NCCL) the host cannot bound an enqueued collective, so the
 call hangs until NCCL's watchdog aborts the process at the group's timeout, as any NCCL job
-does. Either way the cluster must be restarted.
+does. Either way the cluster must be restarted. On GPU the wait is at least
+``NCCL_MIN_TIMEOUT_S``: the first collective sets up NCCL's connections, which takes longer
+than an elastic exchange timeout (0.5-2 s), and a blocking wait that expires aborts the
+communicator ("unhandled system error" on every rank, seen on the lent H200s); the baseline
+learns of a dead peer from torchrun (the process exits), not from this wait.
 
 gloo implements ``all_to_all_single`` (checked on torch 2.13, CPU wheel, uint8 payloads and
 zero-row splits included), so the CPU and GPU paths are the same code.
@@ -133,6 +137,9 @@ def plan_sends(
     return order[: int(counts.sum())], counts
 
 
+NCCL_MIN_TIMEOUT_S = 60.0
+
+
 class NcclFabric:
     """Dispatch/combine of one slot over the default process group (see the module docstring).
 
@@ -152,7 +159,8 @@ class NcclFabric:
         self._owns_group = ensure_process_group(
             store_addr, slot, cfg.num_slots, backend, init_timeout_s, self.device
         )
-        self._timeout = timedelta(seconds=cfg.timeout_s)
+        floor = NCCL_MIN_TIMEOUT_S if backend == "nccl" else 0.0
+        self._timeout = timedelta(seconds=max(cfg.timeout_s, floor))
         self._row_bytes = cfg.hidden * torch.empty((), dtype=cfg.dtype).element_size()
         self.epoch, self.members = 0, ()
         self._incarnations: dict[int, int] | None = None
