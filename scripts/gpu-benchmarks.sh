@@ -2,13 +2,16 @@
 # The GPU benchmarks of docs/benchmarks.md in one call on the lent 4-GPU machine (run from the
 # project root, with the offline bundle carried: ../shared/gpu/make-bundle .gpu-bundle):
 #
-#   bash scripts/gpu-benchmarks.sh [serve] [recovery]      (both when none is named)
+#   bash scripts/gpu-benchmarks.sh [serve] [recovery] [recovery2]   (serve and recovery when
+#                                                                    none is named)
 #
 # serve:    Qwen3-30B-A3B-sized random weights, all 48 layers, bf16: `eep bench serve`
 #           (symm elastic vs checks off vs nccl).
 # recovery: the same shapes with RECOVERY_LAYERS layers (default 16) in fp32, so greedy outputs
 #           can be compared token for token with the single-process reference on one GPU;
 #           `eep bench recovery` (elastic, then the full-restart baseline).
+# recovery2: the same with two slots killed 1 s apart (within one TTL).
+# SLOTS (default 4) sets the EP width of every job: 8 on an 8-GPU machine.
 # Results go to $OUT (default ./gpu-out): JSON, PNG, and the clusters' logs as one tarball.
 set -u
 source .gpu-bundle/setup.sh >/dev/null 2>&1
@@ -16,6 +19,7 @@ export PYTHONPATH=.:${PYTHONPATH:-}
 OUT=${OUT:-gpu-out}
 WEIGHTS=${WEIGHTS:-/dev/shm/eep-q30b}
 LAYERS=${RECOVERY_LAYERS:-16}
+SLOTS=${SLOTS:-4}
 mkdir -p "$OUT"
 t0=$(date +%s)
 step() { echo "== +$(($(date +%s) - t0)) s: $*"; }
@@ -27,20 +31,22 @@ if [[ " $jobs_ " == *" serve "* ]]; then
     [ -f "$WEIGHTS/config.json" ] || cli make-weights --config qwen3-30b-a3b --out "$WEIGHTS" \
         --dtype bf16 2>&1 | tail -1
     step "bench serve"
-    cli bench serve --device cuda --model "$WEIGHTS" --slots 4 --experts-per-slot 40 \
+    cli bench serve --device cuda --model "$WEIGHTS" --slots "$SLOTS" --experts-per-slot $((160 / SLOTS)) \
         --batch 32 --prompt-len 16 --gen-len 32 --rounds 5 --max-tokens-per-step 128 \
         --out "$OUT/serve.json" 2>&1 | grep -v '^\[rank' | tail -12
 fi
 
-if [[ " $jobs_ " == *" recovery "* ]]; then
-    R="$WEIGHTS-$LAYERS"
+recovery() {  # $1: name, then extra arguments of the bench
+    local name=$1 R="$WEIGHTS-$LAYERS"
+    shift
     step "weights: $LAYERS layers, bf16 on disk, served in fp32"
     [ -f "$R/config.json" ] || cli make-weights --config qwen3-30b-a3b --layers "$LAYERS" \
         --out "$R" --dtype bf16 2>&1 | tail -1
-    step "bench recovery"
+    step "bench recovery ($name)"
     rm -rf /tmp/eep-recovery-logs
-    cli bench recovery --device cuda --model "$R" --dtype float32 --log-dir /tmp/eep-recovery-logs \
-        --out "$OUT/recovery.json" --plot "$OUT/recovery.png" 2>&1 | grep -v '^\[rank' | tail -50
+    cli bench recovery --device cuda --model "$R" --dtype float32 --slots "$SLOTS" "$@" \
+        --log-dir /tmp/eep-recovery-logs --out "$OUT/$name.json" --plot "$OUT/$name.png" 2>&1 |
+        grep -v '^\[rank' | tail -50
     # the logs, trimmed, in one file (the device tool returns a limited number of files)
     rm -rf /tmp/eep-logs && mkdir -p /tmp/eep-logs
     for mode in elastic baseline; do
@@ -50,6 +56,8 @@ if [[ " $jobs_ " == *" recovery "* ]]; then
             [ -f "$f" ] && tail -c 200000 "$f" >"/tmp/eep-logs/$mode/$(basename "$f")"
         done
     done
-    tar czf "$OUT/recovery-logs.tgz" -C /tmp/eep-logs .
-fi
+    tar czf "$OUT/$name-logs.tgz" -C /tmp/eep-logs .
+}
+[[ " $jobs_ " == *" recovery "* ]] && recovery recovery
+[[ " $jobs_ " == *" recovery2 "* ]] && recovery recovery2 --slot 1,2 --stagger 1
 step done

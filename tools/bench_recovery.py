@@ -3,11 +3,12 @@
 Each mode starts a cluster (``elastic``: one torchrun agent per slot; ``baseline``: one
 torchrun over every slot, so a failure restarts them all), drives a steady streamed load
 through the HTTP API (a pool of client threads, requests back to back, every token's arrival
-time recorded), SIGKILLs or SIGSTOPs one slot's worker, and keeps the load running until the
-slot is back in the view and throughput is back to >= 95% of the pre-fault rate (or
-``--duration``). Phases come from the processes' event logs (``eep.events``), the view history
-in etcd and the token arrival times, all on the host's monotonic clock. Both runs are printed
-side by side with the ratios, and written as JSON and a PNG.
+time recorded), SIGKILLs or SIGSTOPs one slot's worker (or several: ``--slot 1,2``,
+``--stagger`` seconds apart), and keeps the load running until the failed slots are back in
+the view and throughput is back to >= 95% of the pre-fault rate (or ``--duration``). Phases
+come from the processes' event logs (``eep.events``), the view history in etcd and the token
+arrival times, all on the host's monotonic clock. Both runs are printed side by side with the
+ratios, and written as JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
     parser.add_argument("--prompts", type=int, default=16, help="distinct prompts, cycled (16)")
     parser.add_argument("--fault", choices=["kill", "stop"], default="kill", help="SIGKILL|SIGSTOP")
-    parser.add_argument("--slot", type=int, default=2, help="the slot whose worker fails (2)")
+    parser.add_argument(
+        "--slot",
+        type=_slot_list,
+        default=(2,),
+        help="the slot whose worker fails (2); several, comma-separated, fail --stagger apart",
+    )
+    parser.add_argument(
+        "--stagger", type=float, default=0.0, help="s between the faults of several slots (0)"
+    )
     parser.add_argument("--warmup", type=float, default=5.0, help="s before steady state (5)")
     parser.add_argument("--at", type=float, default=20.0, help="fault, s after steady state (20)")
     parser.add_argument("--duration", type=float, default=90.0, help="max s after the fault (90)")
@@ -245,36 +254,47 @@ GAPS = [
 
 
 def build_timeline(run: dict, events: list[dict], views: list[tuple[float, object]]) -> Timeline:
-    """``run``: kill, slot, old incarnation, slots, token times, bins; ``views``: (mono, View)."""
-    kill, slot, old, n = run["kill"], run["slot"], run["old_incarnation"], run["num_slots"]
+    """``run``: kill (the first fault), slots and their old incarnations, token times, bins;
+    ``views``: (mono, View). With several failed slots: detection and the view without them
+    are the first, start-up phases and the rejoin the last (the instance is whole again)."""
+    kill, n = run["kill"], run["num_slots"]
+    slots, olds = run["slots"], run["old_incarnations"]
     tl = Timeline()
 
     def rel(t: float | None) -> float | None:
         return None if t is None else round(t - kill, 4)
 
+    def newer(v) -> bool:  # every failed slot is back with a new incarnation
+        return all((v.incarnation(s) or 0) > old for s, old in zip(slots, olds, strict=True))
+
     after = [(t, v) for t, v in views if t >= kill]
-    removed = next((t for t, v in after if slot not in v.members), None)
-    back = next((t for t, v in after if (v.incarnation(slot) or 0) > old), None)
-    full = next(
-        (t for t, v in after if len(v.members) == n and (v.incarnation(slot) or 0) > old), None
-    )
+    removed = next((t for t, v in after if set(slots) - set(v.members)), None)
+    back = next((t for t, v in after if newer(v)), None)
+    full = next((t for t, v in after if len(v.members) == n and newer(v)), None)
     tl.view_committed, tl.rejoined, tl.all_in_view = rel(removed), rel(back), rel(full)
-    ev = first_event(events, "lease_released", kill, f"supervisor{slot}", slot=slot)
-    tl.detected = rel(ev["mono"]) if ev else tl.view_committed
-    ev = first_event(events, "resumed", kill, rf"worker(?!{slot}\.)\d+\.\d+")
+    detected = [
+        ev["mono"]
+        for s in slots
+        if (ev := first_event(events, "lease_released", kill, f"supervisor{s}", slot=s))
+    ]
+    tl.detected = rel(min(detected)) if detected else tl.view_committed
+    failed = "|".join(str(s) for s in slots)
+    ev = first_event(events, "resumed", kill, rf"worker(?!(?:{failed})\.)\d+\.\d+")
     tl.survivors_resumed = rel(ev["mono"]) if ev else None
     if removed is not None:
         tl.first_token = rel(next((t for t in run["times"] if t > removed), None))
-    worker = rf"worker{slot}\.\d+"
-    ev = first_event(events, "worker_started", kill, worker, slot=slot)
+
+    def last(name: str, process: str) -> dict | None:
+        found = [first_event(events, name, kill, process.format(s), slot=s) for s in slots]
+        return None if None in found else max(found, key=lambda ev: ev["mono"])
+
+    ev = last("worker_started", r"worker{}\.\d+")
     tl.process_up = rel(ev["mono"]) if ev else None
-    ev = first_event(events, "weights_loaded", kill, worker, slot=slot)
+    ev = last("weights_loaded", r"worker{}\.\d+")
     if ev:
         tl.weights_loaded = rel(ev["mono"])
         tl.weights = {k: ev.get(k) for k in ("bytes", "seconds", "gbps", "sources", "from_disk")}
-    ev = first_event(events, "ready", kill, f"supervisor{slot}", slot=slot) or first_event(
-        events, "ready", kill, worker
-    )
+    ev = last("ready", "supervisor{}")
     tl.ready = rel(ev["mono"]) if ev else None
     outage = longest_gap(run["times"], kill, back if back is not None else float("inf"))
     since = outage[1] if outage else kill
@@ -328,8 +348,10 @@ def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         raise SystemExit(f"--modes {args.modes!r}: name runs among {', '.join(MODES)}")
-    if not 0 <= args.slot < args.slots:
-        raise SystemExit(f"--slot {args.slot} must name one of the {args.slots} slots")
+    if not all(0 <= s < args.slots for s in args.slot) or len(args.slot) >= args.slots:
+        raise SystemExit(
+            f"--slot {_slots_text(args.slot)} must name fewer than all of the {args.slots} slots"
+        )
     import torch
 
     from eep.engine.reference import single_process_outputs
@@ -354,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     for mode in modes:
         print(
             f"\n== {mode}: {args.slots} slots, {args.clients} clients, {args.fault} slot "
-            f"{args.slot} at +{args.at:.0f} s; logs in {root}/{mode}",
+            f"{_slots_text(args.slot)} at +{args.at:.0f} s; logs in {root}/{mode}",
             flush=True,
         )
         try:
@@ -408,21 +430,26 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
     started = time.monotonic()
     cluster = Cluster(opts).start(timeout_s=300)
     print(f"  up in {time.monotonic() - started:.1f} s at {cluster.url}", flush=True)
-    victim = None
+    victims: list[int] = []
     try:
         views: list[tuple[float, object]] = []
         cluster.watcher.on_view = lambda v: views.append((time.monotonic(), v))
         load = Load(cluster.url, prompts, args.clients, args.max_tokens).start()
         steady = load.wait_steady(args.warmup, timeout_s=180)
         time.sleep(max(0.0, steady + args.at - time.monotonic()))
-        old = cluster.watcher.latest.incarnation(args.slot)
-        victim = cluster.wait_worker_pid(args.slot)
-        if victim is None:
-            raise BenchError(f"slot {args.slot} has no worker pid in etcd; is it registered?")
+        olds = [cluster.watcher.latest.incarnation(s) for s in args.slot]
+        pids = [cluster.wait_worker_pid(s) for s in args.slot]
         kill = time.monotonic()
-        os.kill(victim, signal.SIGKILL if args.fault == "kill" else signal.SIGSTOP)
-        print(f"  {args.fault} worker pid {victim} of slot {args.slot}", flush=True)
-        stop_at = _await_recovery(cluster, load, args, steady, kill, old)
+        for i, (slot, pid) in enumerate(zip(args.slot, pids, strict=True)):
+            time.sleep(max(0.0, kill + i * args.stagger - time.monotonic()))
+            try:
+                os.kill(pid, signal.SIGKILL if args.fault == "kill" else signal.SIGSTOP)
+            except ProcessLookupError:  # the baseline tore every worker down with the first
+                print(f"  worker pid {pid} of slot {slot} already exited", flush=True)
+                continue
+            victims.append(pid)
+            print(f"  {args.fault} worker pid {pid} of slot {slot}", flush=True)
+        stop_at = _await_recovery(cluster, load, args, steady, kill, olds)
         stuck = load.stop(timeout_s=120)
         end = time.monotonic()
         metrics = _metrics(cluster.url)
@@ -430,7 +457,8 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
         committed = [(v.committed_at - wall_offset, v) for v in cluster.history()]
     finally:
         cluster.stop()
-        _reap(victim)
+        for pid in victims:
+            _reap(pid)
     times = load.token_times()
     bins = rates(times, load.started, end, args.bin)
     pre = [
@@ -440,9 +468,10 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
     ]
     run = {
         "mode": mode,
-        "slot": args.slot,
+        "slots": list(args.slot),
+        "stagger_s": args.stagger,
         "num_slots": args.slots,
-        "old_incarnation": old,
+        "old_incarnations": olds,
         "kill": kill,
         "t0": load.started,
         "times": times,
@@ -465,6 +494,20 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
     return {**run, "timeline": asdict(tl), "invariants": inv, "log_dir": log_dir}
 
 
+def _slot_list(text: str) -> tuple[int, ...]:
+    try:
+        slots = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: slots are integers, comma-separated") from None
+    if len(set(slots)) != len(slots):
+        raise argparse.ArgumentTypeError(f"{text!r} names a slot twice")
+    return slots
+
+
+def _slots_text(slots) -> str:
+    return ",".join(str(s) for s in slots)
+
+
 def _fabric(device: str, mode: str) -> str:
     """CPU: shm in both modes; GPU: the Triton kernels (symm), the baseline on NCCL."""
     if device == "cpu":
@@ -472,9 +515,9 @@ def _fabric(device: str, mode: str) -> str:
     return "nccl" if mode == "baseline" else "symm"
 
 
-def _await_recovery(cluster, load: Load, args, steady: float, kill: float, old: int) -> float:
-    """Until the slot is back in a full view and throughput is back, plus ``--tail``; at most
-    ``--duration`` after the fault. Returns when the load was told to stop."""
+def _await_recovery(cluster, load: Load, args, steady: float, kill: float, olds) -> float:
+    """Until the failed slots are back in a full view and throughput is back, plus ``--tail``;
+    at most ``--duration`` after the fault. Returns when the load was told to stop."""
     deadline = kill + args.duration
     recovered = None
     while time.monotonic() < deadline:
@@ -484,7 +527,9 @@ def _await_recovery(cluster, load: Load, args, steady: float, kill: float, old: 
                 break
             continue
         view = cluster.watcher.latest
-        if len(view.members) < args.slots or (view.incarnation(args.slot) or 0) <= old:
+        if len(view.members) < args.slots or any(
+            (view.incarnation(s) or 0) <= old for s, old in zip(args.slot, olds, strict=True)
+        ):
             continue
         times = load.token_times()
         bins = rates(times, load.started, time.monotonic(), args.bin)
@@ -634,7 +679,7 @@ def _plot(results: dict, path: str) -> None:
             t = r["timeline"][key]
             if t is not None:
                 ax.axvline(t, color=color, ls="--", lw=1, label=f"{label} {t:.1f} s")
-        ax.set_title(f"{mode}: slot {r['slot']} of {r['num_slots']}")
+        ax.set_title(f"{mode}: slot {_slots_text(r['slots'])} of {r['num_slots']}")
         ax.set_ylim(bottom=0)
         ax.set_ylabel("tokens/s")
         ax.legend(loc="lower right", fontsize=7, ncol=2)

@@ -141,6 +141,12 @@ class Frontend:
                 load[source].remove(rec)
                 load[target].append(rec)
                 rec.migrating = True
+                log.info(
+                    "rebalance: moving %s from slot %d to slot %d, which joined",
+                    rec.request_id,
+                    source,
+                    target,
+                )
                 self.links[source][1].write(
                     encode({"type": "migrate_out", "id": rec.request_id, "to": target})
                 )
@@ -150,7 +156,8 @@ class Frontend:
         rec = self.log.records.get(msg["id"])
         target = int(msg["to"])
         if rec is None or rec.state is RequestState.FINISHED or rec.slot != sender:
-            return  # finished meanwhile, or re-queued by a view: nothing to move
+            log.info("migration of %s: finished or re-queued meanwhile; nothing to move", msg["id"])
+            return
         kv = msg.get("kv")
         if kv is not None and list(kv["outputs"]) != rec.emitted:
             log.warning(
@@ -158,6 +165,12 @@ class Frontend:
             )
             kv = None
         rec.migrating = False
+        if kv is None:
+            log.info(
+                "migration of %s: no KV computed yet; slot %d starts it afresh",
+                rec.request_id,
+                target,
+            )
         if target not in self.live_slots():
             rec.slot, rec.state = None, RequestState.QUEUED
             self.assign(rec)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,31 +107,25 @@ def test_a_hung_rank_is_excluded_by_lease_expiry_and_restarted(cluster, tiny_mod
 
 
 def test_a_rejoined_rank_takes_in_flight_requests_with_their_kv(cluster, tiny_model_dir):
-    # clients keep requests in flight until after the rejoin, whatever the decode speed
-    n, max_tokens = 12, 120
+    # long enough to be still decoding (with KV to move) when the killed slot rejoins
+    n, max_tokens = 16, 400
     prompts = prompts_for(n)
     expected = reference_outputs(tiny_model_dir, prompts, [SamplingParams(max_tokens)] * n)
     migrated_before = _metric(cluster.url, "eep_migrated_total")
     before = cluster.watcher.latest.epoch
-    stop, results = threading.Event(), []
-
-    def client(i: int) -> None:
-        while not stop.is_set():
-            results.append(
-                (i, complete(cluster.url, {"prompt": prompts[i], "max_tokens": max_tokens}, 300))
-            )
-
     with ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(client, i) for i in range(n)]
+        futures = [
+            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, 300)
+            for p in prompts
+        ]
         time.sleep(0.5)
         os.kill(cluster.wait_worker_pid(3), signal.SIGKILL)
         _wait_all_back(cluster, before + 1, [3])
-        time.sleep(1.0)  # the requests in flight at the rejoin were rebalanced by now
-        stop.set()
-        for f in futures:
-            f.result()
-    for i, result in results:
+        pending_at_rejoin = sum(not f.done() for f in futures)
+        results = [f.result() for f in futures]
+    for i, result in enumerate(results):
         assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
+    assert pending_at_rejoin, "every request finished before the rejoin: make them longer"
     assert _metric(cluster.url, "eep_migrated_total") > migrated_before, "nothing migrated"
     assert _metric(cluster.url, "eep_duplicate_tokens_total") == 0
     inc = cluster.watcher.latest.incarnation(3)
