@@ -101,15 +101,18 @@ def test_a_stopped_member_is_excluded_and_fences_itself_after_sigcont(procs, wat
 
 
 def test_restarting_etcd_under_held_leases_excludes_no_member(procs, watcher, etcd_server):
-    # this test restarts the session's etcd; its own cluster name keeps it apart from others
-    procs.coordinator(ttl=3)
-    members = {s: procs.member(s, ttl=3, write_every=0.2) for s in (0, 1, 2)}
+    # this test restarts the session's etcd; its own cluster name keeps it apart from others.
+    # TTL 5 s: on a starved 2-core machine a restarted etcd took long enough to fence a member
+    # at TTL 3 s (seen once); the outage below stays far shorter than either.
+    ttl = 5
+    procs.coordinator(ttl=ttl)
+    members = {s: procs.member(s, ttl=ttl, write_every=0.2) for s in (0, 1, 2)}
     for proc in members.values():
         read_event(proc, "ready")
     view = watcher.wait_for(lambda v: v.members == (0, 1, 2), timeout_s=20)
     assert view is not None
     etcd_server.restart(down_s=0.5)
-    time.sleep(3 * 3)  # three TTLs after the restart
+    time.sleep(2 * ttl)  # two TTLs after the restart: an unrenewed lease would be gone
     for slot, proc in members.items():
         assert proc.poll() is None, f"member {slot} exited ({proc.returncode}) across the restart"
         assert read_event(proc, "wrote", timeout_s=5)
