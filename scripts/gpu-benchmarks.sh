@@ -13,6 +13,8 @@
 # recovery2: the same with two slots killed 1 s apart (within one TTL).
 # SLOTS (default 4) sets the EP width of every job: 8 on an 8-GPU machine.
 # Results go to $OUT (default ./gpu-out): JSON, PNG, and the clusters' logs as one tarball.
+# The device tool allows 10 minutes a command: run one job per call (each writes its weights
+# first, about 1 minute for 48 layers, since a machine does not outlive its idle release).
 set -u
 source .gpu-bundle/setup.sh >/dev/null 2>&1
 export PYTHONPATH=.:${PYTHONPATH:-}

@@ -372,6 +372,8 @@ def run(args: argparse.Namespace) -> int:
         getattr(torch, dtype),
         "cuda" if args.device == "cuda" else "cpu",
     )
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the reference held the whole model on GPU 0: give it back
     results, failed = {}, {}
     for mode in modes:
         print(
