@@ -79,26 +79,3 @@ class KVCache:
     def release(self, table: BlockTable) -> None:
         self._free.extend(reversed(table.blocks))
         table.blocks.clear()
-
-    def _slots(self, table: BlockTable, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        blocks = torch.tensor(table.blocks, dtype=torch.long, device=positions.device)
-        return blocks[positions // self.cfg.block_size], positions % self.cfg.block_size
-
-    def write(
-        self,
-        layer: int,
-        table: BlockTable,
-        positions: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> None:
-        """Store ``k``/``v`` ``[n, n_kv, D]`` at ``positions`` ``[n]`` of the request."""
-        block, offset = self._slots(table, positions)
-        self.arena[block, layer, 0, offset] = k.to(self.arena.dtype)
-        self.arena[block, layer, 1, offset] = v.to(self.arena.dtype)
-
-    def read(self, layer: int, table: BlockTable, length: int) -> tuple[torch.Tensor, ...]:
-        """K and V ``[length, n_kv, D]`` of the request's first ``length`` positions."""
-        positions = torch.arange(length, device=self.arena.device)
-        block, offset = self._slots(table, positions)
-        return self.arena[block, layer, 0, offset], self.arena[block, layer, 1, offset]
