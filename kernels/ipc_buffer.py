@@ -23,52 +23,22 @@ import torch
 from eep.kernels.config import EpConfig
 from eep.kernels.fabric import EpFabric, FabricLayout
 from eep.kernels.view import DeviceView
-
-_HANDLE_BYTES = 64
-_LAZY_ENABLE_PEER_ACCESS = 1
+from eep.transfer.ipc import (
+    HANDLE_BYTES,
+    LAZY_ENABLE_PEER_ACCESS,
+    IpcHandle,
+    cuda_error,
+    load_driver,
+)
 
 
 class IpcError(RuntimeError):
     """A CUDA driver call of the IPC buffer failed."""
 
 
-class _Handle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_ubyte * _HANDLE_BYTES)]
-
-
-_DRIVER = None
-
-
-def _driver():
-    global _DRIVER
-    if _DRIVER is None:
-        try:
-            cu = ctypes.CDLL("libcuda.so.1")
-        except OSError as exc:
-            raise IpcError("the symm fabric needs the CUDA driver (libcuda.so.1)") from exc
-        u64, p = ctypes.c_uint64, ctypes.POINTER
-        sigs = {
-            "cuMemAlloc_v2": [p(u64), ctypes.c_size_t],
-            "cuMemFree_v2": [u64],
-            "cuMemsetD8_v2": [u64, ctypes.c_ubyte, ctypes.c_size_t],
-            "cuIpcGetMemHandle": [p(_Handle), u64],
-            "cuIpcOpenMemHandle_v2": [p(u64), _Handle, ctypes.c_uint],
-            "cuIpcCloseMemHandle": [u64],
-            "cuCtxSynchronize": [],
-            "cuGetErrorString": [ctypes.c_int, p(ctypes.c_char_p)],
-        }
-        for name, args in sigs.items():
-            fn = getattr(cu, name)
-            fn.argtypes, fn.restype = args, ctypes.c_int
-        _DRIVER = cu
-    return _DRIVER
-
-
 def _check(rc: int, what: str) -> None:
     if rc != 0:
-        msg = ctypes.c_char_p()
-        _driver().cuGetErrorString(rc, ctypes.byref(msg))
-        raise IpcError(f"{what} failed: CUDA error {rc} ({(msg.value or b'?').decode()})")
+        raise IpcError(f"{what} failed: {cuda_error(rc)}")
 
 
 class _DeviceBytes:
@@ -98,8 +68,8 @@ class Exported:
     @classmethod
     def from_json(cls, raw: dict) -> Exported:
         handle, nbytes = str(raw["handle"]), int(raw["nbytes"])
-        if len(handle) != 2 * _HANDLE_BYTES:
-            raise ValueError(f"IPC handle must be {2 * _HANDLE_BYTES} hex digits")
+        if len(handle) != 2 * HANDLE_BYTES:
+            raise ValueError(f"IPC handle must be {2 * HANDLE_BYTES} hex digits")
         return cls(handle, nbytes, int(raw.get("pid", 0)))
 
 
@@ -114,13 +84,13 @@ class IpcEpBuffer(EpFabric):
         torch.cuda.set_device(device)
         torch.zeros(1, device=device)  # the primary context exists and is current
         nbytes = FabricLayout.for_config(cfg).nbytes
-        cu = _driver()
+        cu = load_driver()
         ptr = ctypes.c_uint64()
         _check(cu.cuMemAlloc_v2(ctypes.byref(ptr), nbytes), f"cuMemAlloc({nbytes})")
         self._own = ptr.value
         _check(cu.cuMemsetD8_v2(self._own, 0, nbytes), "cuMemsetD8")  # flags start at 0
         _check(cu.cuCtxSynchronize(), "cuCtxSynchronize")
-        handle = _Handle()
+        handle = IpcHandle()
         _check(cu.cuIpcGetMemHandle(ctypes.byref(handle), self._own), "cuIpcGetMemHandle")
         self.exported = Exported(bytes(handle.reserved).hex(), nbytes, os.getpid())
         buf = torch.as_tensor(_DeviceBytes(self._own, nbytes), device=device)
@@ -149,10 +119,10 @@ class IpcEpBuffer(EpFabric):
             )
         if self.mapped(slot) == exp.handle:
             return
-        cu = _driver()
-        handle = _Handle.from_buffer_copy(bytes.fromhex(exp.handle))
+        cu = load_driver()
+        handle = IpcHandle.from_buffer_copy(bytes.fromhex(exp.handle))
         ptr = ctypes.c_uint64()
-        rc = cu.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), handle, _LAZY_ENABLE_PEER_ACCESS)
+        rc = cu.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), handle, LAZY_ENABLE_PEER_ACCESS)
         _check(rc, f"cuIpcOpenMemHandle (slot {slot}, pid {exp.pid})")
         old = self._mapped.get(slot)
         self.peer_base[slot] = ptr.value
@@ -163,7 +133,7 @@ class IpcEpBuffer(EpFabric):
 
     def close(self) -> None:
         """Unmaps every peer and frees this rank's buffer (call once no peer still stores)."""
-        cu = _driver()
+        cu = load_driver()
         torch.cuda.synchronize(self.buf.device)
         for _, addr in self._mapped.values():
             cu.cuIpcCloseMemHandle(addr)

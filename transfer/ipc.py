@@ -15,6 +15,7 @@ bytes stay readable; its death is noticed through etcd (lease, manifest) instead
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -30,28 +31,37 @@ from .errors import EngineError, PeerUnreachable, SourceTimeout, TransferFailed
 
 log = logging.getLogger(__name__)
 
-_HANDLE_BYTES = 64
-_LAZY_ENABLE_PEER_ACCESS = 1
+HANDLE_BYTES = 64
+LAZY_ENABLE_PEER_ACCESS = 1
 
 
-class _Handle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_ubyte * _HANDLE_BYTES)]  # c_char would stop at NUL
+class IpcHandle(ctypes.Structure):
+    """A ``CUipcMemHandle`` (64 opaque bytes)."""
+
+    _fields_ = [("reserved", ctypes.c_ubyte * HANDLE_BYTES)]  # c_char would stop at NUL
 
 
-def _load_driver():
+@functools.cache
+def load_driver():
+    """``libcuda`` with the signatures of every call this project makes through ctypes (the
+    transfer path here and the ``symm`` fabric's buffers in ``eep.kernels.ipc_buffer``)."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
-        raise EngineError("cuda_ipc needs the CUDA driver (libcuda.so.1); none found.") from exc
+        raise EngineError("CUDA IPC needs the CUDA driver (libcuda.so.1); none found.") from exc
     u64, p = ctypes.c_uint64, ctypes.POINTER
     sigs = {
         "cuMemGetAddressRange_v2": [p(u64), p(ctypes.c_size_t), u64],
-        "cuIpcGetMemHandle": [p(_Handle), u64],
-        "cuIpcOpenMemHandle_v2": [p(u64), _Handle, ctypes.c_uint],
+        "cuMemAlloc_v2": [p(u64), ctypes.c_size_t],
+        "cuMemFree_v2": [u64],
+        "cuMemsetD8_v2": [u64, ctypes.c_ubyte, ctypes.c_size_t],
+        "cuIpcGetMemHandle": [p(IpcHandle), u64],
+        "cuIpcOpenMemHandle_v2": [p(u64), IpcHandle, ctypes.c_uint],
         "cuIpcCloseMemHandle": [u64],
         "cuMemcpyAsync": [u64, u64, ctypes.c_size_t, ctypes.c_void_p],
         "cuCtxGetCurrent": [p(ctypes.c_void_p)],
         "cuCtxSetCurrent": [ctypes.c_void_p],
+        "cuCtxSynchronize": [],
         "cuDevicePrimaryCtxRetain": [p(ctypes.c_void_p), ctypes.c_int],
         "cuGetErrorString": [ctypes.c_int, p(ctypes.c_char_p)],
     }
@@ -59,6 +69,13 @@ def _load_driver():
         fn = getattr(cuda, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
     return cuda
+
+
+def cuda_error(rc: int) -> str:
+    """``CUDA error <rc> (<driver's text>)``."""
+    msg = ctypes.c_char_p()
+    load_driver().cuGetErrorString(rc, ctypes.byref(msg))
+    return f"CUDA error {rc} ({(msg.value or b'?').decode()})"
 
 
 @dataclass
@@ -79,16 +96,14 @@ class IpcTransport:
         if not torch.cuda.is_available():
             raise EngineError("protocol cuda_ipc needs a CUDA GPU; use tcp on CPU machines.")
         self = cls(config=config, session=f"{config.hostname}:ipc:{os.getpid()}")
-        self._cu = _load_driver()
+        self._cu = load_driver()
         self._device = torch.cuda.current_device()
         torch.cuda.init()
         return self
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
-            msg = ctypes.c_char_p()
-            self._cu.cuGetErrorString(rc, ctypes.byref(msg))
-            raise EngineError(f"{what} failed: CUDA error {rc} ({(msg.value or b'?').decode()}).")
+            raise EngineError(f"{what} failed: {cuda_error(rc)}.")
 
     def _ensure_context(self) -> None:
         ctx = ctypes.c_void_p()
@@ -114,7 +129,7 @@ class IpcTransport:
         )
         if addr + nbytes > base.value + size.value:
             raise EngineError(f"region {addr:#x}+{nbytes} spans several CUDA allocations.")
-        handle = _Handle()
+        handle = IpcHandle()
         self._check(
             self._cu.cuIpcGetMemHandle(ctypes.byref(handle), base.value), "cuIpcGetMemHandle"
         )
@@ -166,11 +181,11 @@ class IpcTransport:
                 )
             self._ensure_context()
             raw = bytes.fromhex(hexed)
-            if len(raw) != _HANDLE_BYTES:
+            if len(raw) != HANDLE_BYTES:
                 raise TransferFailed("open", peer.session, -1, "malformed IPC handle", peer.holder)
-            handle = _Handle.from_buffer_copy(raw)
+            handle = IpcHandle.from_buffer_copy(raw)
             ptr = ctypes.c_uint64()
-            rc = self._cu.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), handle, _LAZY_ENABLE_PEER_ACCESS)
+            rc = self._cu.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), handle, LAZY_ENABLE_PEER_ACCESS)
             if rc != 0:
                 raise TransferFailed(
                     "ipc open",
