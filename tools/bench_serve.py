@@ -146,6 +146,7 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
 
     from eep.fabrics.factory import make_fabric
     from eep.fabrics.nccl import ensure_process_group
+    from eep.fabrics.symm import peer_info_from_dir, publish_to_dir
 
     threads = max(1, (os.cpu_count() or 1) // opts["slots"])
     torch.set_num_threads(threads)
@@ -165,11 +166,11 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
         cluster = f"bench{opts['run']}{name.replace('-', '')}"
         fabric = make_fabric(
             kind, cluster, slot, 1, fabric_cfg, store_addr=opts["store_addr"], device=device,
-            elastic=elastic, peer_info=_peer_info(opts["tmp"], cluster),
+            elastic=elastic, peer_info=peer_info_from_dir(opts["tmp"], cluster),
         )  # fmt: skip
         if kind == "symm":
             fabric.warm_up()
-            _publish(opts["tmp"], cluster, slot, fabric.export())
+            publish_to_dir(opts["tmp"], cluster, slot, 1, fabric.export())
         barrier.wait(timeout=120)  # every buffer exists before any peer maps it
         fabric.apply_view(1, members)
         fabrics[name] = fabric
@@ -188,26 +189,6 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
     for fabric in fabrics.values():
         fabric.close()  # the nccl fabric leaves the group alone: it did not create it
     return {"slot": slot, "timings": timings, "tokens": tokens}
-
-
-def _publish(tmp: str, cluster: str, slot: int, export: dict) -> None:
-    """A symm buffer's export, where the peers' ``_peer_info`` finds it (the runtime: etcd)."""
-    path = os.path.join(tmp, f"{cluster}-{slot}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"incarnation": 1, **export}, f)
-    os.replace(path + ".tmp", path)
-
-
-def _peer_info(tmp: str, cluster: str):
-    def find(slot: int, incarnation: int) -> dict | None:
-        try:
-            with open(os.path.join(tmp, f"{cluster}-{slot}.json")) as f:
-                info = json.load(f)
-        except FileNotFoundError:
-            return None
-        return info if info["incarnation"] == incarnation else None
-
-    return find
 
 
 def _build(slot: int, opts: dict, device):

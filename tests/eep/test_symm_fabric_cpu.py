@@ -84,3 +84,13 @@ def test_end_step_raises_once_for_a_failed_step_and_resets():
     with pytest.raises(ExchangeFailed) as err:
         fabric.end_step()
     assert err.value.reason is FailureReason.NEWER_EPOCH
+
+
+def test_exports_exchanged_through_a_directory_name_their_incarnation(tmp_path):
+    from eep.fabrics.symm import peer_info_from_dir, publish_to_dir
+
+    find = peer_info_from_dir(str(tmp_path), "c")
+    assert find(1, 1) is None
+    publish_to_dir(str(tmp_path), "c", 1, 2, {"handle": "ab", "nbytes": 8, "pid": 7})
+    assert find(1, 2) == {"incarnation": 2, "handle": "ab", "nbytes": 8, "pid": 7}
+    assert find(1, 1) is None and find(0, 2) is None

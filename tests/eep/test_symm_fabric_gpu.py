@@ -14,7 +14,6 @@ Peers find each other's exported buffers in a directory (the runtime uses etcd).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import queue
 import signal
@@ -32,24 +31,6 @@ CFG2 = dataclasses.replace(w.CFG, num_slots=WORLD)
 needs_gpus = pytest.mark.skipif(NUM_GPUS < WORLD, reason=f"needs {WORLD} GPUs, found {NUM_GPUS}")
 
 
-def _publish(root: str, tag: str, slot: int, incarnation: int, fabric) -> None:
-    path = Path(root, f"{tag}-{slot}.json")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"incarnation": incarnation, **fabric.export()}))
-    os.replace(tmp, path)
-
-
-def _peer_info(root: str, tag: str):
-    def find(slot: int, incarnation: int) -> dict | None:
-        path = Path(root, f"{tag}-{slot}.json")
-        if not path.exists():
-            return None
-        info = json.loads(path.read_text())
-        return info if info["incarnation"] == incarnation else None
-
-    return find
-
-
 def _file_barrier(root: str, name: str, who: str, count: int, timeout_s: float = 120.0) -> None:
     Path(root, f"barrier-{name}-{who}").touch()
     deadline = time.monotonic() + timeout_s
@@ -61,14 +42,15 @@ def _file_barrier(root: str, name: str, who: str, count: int, timeout_s: float =
 
 def _fabric(root, tag, slot, incarnation, elastic=True, cfg=CFG2):
     from eep.fabrics.factory import make_fabric
+    from eep.fabrics.symm import peer_info_from_dir, publish_to_dir
 
     torch.cuda.set_device(slot)
     fabric = make_fabric(
         "symm", tag, slot, incarnation, cfg, device=f"cuda:{slot}", elastic=elastic,
-        peer_info=_peer_info(root, tag),
+        peer_info=peer_info_from_dir(root, tag),
     )  # fmt: skip
     fabric.warm_up()
-    _publish(root, tag, slot, incarnation, fabric)
+    publish_to_dir(root, tag, slot, incarnation, fabric.export())
     return fabric
 
 
