@@ -31,23 +31,32 @@ def _metric(url: str, name: str) -> float:
     return scrape_metrics(url)[name]
 
 
-def _load_with_kills(cluster, model_dir, kill_slots, n=12, max_tokens=28, sig=signal.SIGKILL):
+def _load(cluster, model_dir, faults, n=12, max_tokens=28, timeout_s=180):
+    """``n`` concurrent requests; ``faults(futures, epoch_before)`` runs mid-decode. Every
+    output must equal the single-process run. Returns ``(epoch_before, what faults returned)``."""
     prompts = prompts_for(n)
     params = [SamplingParams(max_tokens=max_tokens) for _ in range(n)]
     expected = reference_outputs(model_dir, prompts, params)
     epoch_before = cluster.watcher.latest.epoch
     with ThreadPoolExecutor(n) as pool:
         futures = [
-            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, 180)
+            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, timeout_s)
             for p in prompts
         ]
         time.sleep(0.5)  # mid-decode
-        for slot in kill_slots:
-            os.kill(cluster.wait_worker_pid(slot), sig)
+        during = faults(futures, epoch_before)
         results = [f.result() for f in futures]
     for i, result in enumerate(results):
         assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
-    return epoch_before
+    return epoch_before, during
+
+
+def _load_with_kills(cluster, model_dir, kill_slots, sig=signal.SIGKILL):
+    def kill(futures, epoch_before):
+        for slot in kill_slots:
+            os.kill(cluster.wait_worker_pid(slot), sig)
+
+    return _load(cluster, model_dir, kill)[0]
 
 
 def _wait_all_back(cluster, after_epoch: int, slots) -> None:
@@ -107,24 +116,17 @@ def test_a_hung_rank_is_excluded_by_lease_expiry_and_restarted(cluster, tiny_mod
 
 
 def test_a_rejoined_rank_takes_in_flight_requests_with_their_kv(cluster, tiny_model_dir):
-    # long enough to be still decoding (with KV to move) when the killed slot rejoins
-    n, max_tokens = 16, 400
-    prompts = prompts_for(n)
-    expected = reference_outputs(tiny_model_dir, prompts, [SamplingParams(max_tokens)] * n)
     migrated_before = _metric(cluster.url, "eep_migrated_total")
-    before = cluster.watcher.latest.epoch
-    with ThreadPoolExecutor(n) as pool:
-        futures = [
-            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, 300)
-            for p in prompts
-        ]
-        time.sleep(0.5)
+
+    def kill_and_rejoin(futures, before) -> int:
         os.kill(cluster.wait_worker_pid(3), signal.SIGKILL)
         _wait_all_back(cluster, before + 1, [3])
-        pending_at_rejoin = sum(not f.done() for f in futures)
-        results = [f.result() for f in futures]
-    for i, result in enumerate(results):
-        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
+        return sum(not f.done() for f in futures)
+
+    # long enough to be still decoding (with KV to move) when the killed slot rejoins
+    _, pending_at_rejoin = _load(
+        cluster, tiny_model_dir, kill_and_rejoin, n=16, max_tokens=400, timeout_s=300
+    )
     assert pending_at_rejoin, "every request finished before the rejoin: make them longer"
     assert _metric(cluster.url, "eep_migrated_total") > migrated_before, "nothing migrated"
     assert _metric(cluster.url, "eep_duplicate_tokens_total") == 0
@@ -134,16 +136,7 @@ def test_a_rejoined_rank_takes_in_flight_requests_with_their_kv(cluster, tiny_mo
 
 
 def test_a_rank_killed_while_another_recovers_loses_no_request(cluster, tiny_model_dir):
-    n, max_tokens = 12, 40
-    prompts = prompts_for(n)
-    expected = reference_outputs(tiny_model_dir, prompts, [SamplingParams(max_tokens)] * n)
-    before = cluster.watcher.latest.epoch
-    with ThreadPoolExecutor(n) as pool:
-        futures = [
-            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, 300)
-            for p in prompts
-        ]
-        time.sleep(0.5)
+    def kill_during_recovery(futures, before) -> None:
         os.kill(cluster.wait_worker_pid(1), signal.SIGKILL)
         gone = cluster.watcher.wait_for(
             lambda v: v.epoch > before and 1 not in v.members, timeout_s=60
@@ -151,9 +144,8 @@ def test_a_rank_killed_while_another_recovers_loses_no_request(cluster, tiny_mod
         assert gone is not None, "no view without slot 1"
         # slot 1's next worker is starting (seconds of imports and loading): kill another now
         os.kill(cluster.wait_worker_pid(2), signal.SIGKILL)
-        results = [f.result() for f in futures]
-    for i, result in enumerate(results):
-        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
+
+    before, _ = _load(cluster, tiny_model_dir, kill_during_recovery, max_tokens=40, timeout_s=300)
     assert _metric(cluster.url, "eep_duplicate_tokens_total") == 0
     _wait_all_back(cluster, before, [1, 2])
     history = [v for v in cluster.history() if v.epoch > before]
