@@ -14,7 +14,6 @@ ratios, and written as JSON and a PNG.
 from __future__ import annotations
 
 import argparse
-import builtins
 import itertools
 import json
 import os
@@ -396,11 +395,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _write(args, results: dict, failed: dict, model_path: str, dtype: str, final: bool) -> None:
     """The report of the runs done so far: printed (once, at the end), JSON and plot."""
-    report = _report(args, results, model_path, dtype, quiet=not final)
+    report = _report(args, results, model_path, dtype)
     report["failed"] = failed
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     if final:
+        _print_report(results, report["ratios"])
         for mode, why in failed.items():
             print(f"  {mode}: did not complete ({why})")
         print(f"\nwrote {args.out}")
@@ -580,10 +580,6 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _silent(*args, **kwargs) -> None:
-    pass
-
-
 def _ratio(ours, base) -> dict | None:
     if ours is None or base is None or ours <= 0 or base <= 0:
         return None
@@ -595,9 +591,33 @@ def _ratio_text(r: dict) -> str:
     return f"{r['ours_s']:.2f} s vs {r['baseline_s']:.2f} s = {x:.3f}x ({1 / x:.1f}x shorter)"
 
 
-def _report(args, results: dict, model_path: str, dtype: str, quiet: bool = False) -> dict:
+RATIOS = (
+    ("pause", "service_back"),
+    ("time to 95%", "throughput_95"),
+    ("time to rejoin", "all_in_view"),
+)
+
+
+def _report(args, results: dict, model_path: str, dtype: str) -> dict:
+    ratios = {}
+    if {"elastic", "baseline"} <= set(results):
+        e, b = results["elastic"]["timeline"], results["baseline"]["timeline"]
+        ratios = {name: _ratio(e[key], b[key]) for name, key in RATIOS}
+    slim = {
+        m: {**r, "times": [round(t - r["t0"], 4) for t in r["times"]]} for m, r in results.items()
+    }
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": model_path,
+        "dtype": dtype,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "runs": slim,
+        "ratios": ratios,
+    }
+
+
+def _print_report(results: dict, ratios: dict) -> None:
     modes = list(results)
-    print = _silent if quiet else builtins.print  # noqa: A001
     print("\nseconds after the fault")
     print(f"  {'phase':<38}" + "".join(f"{m:>12}" for m in modes))
     for label, key in PHASES:
@@ -625,30 +645,10 @@ def _report(args, results: dict, model_path: str, dtype: str, quiet: bool = Fals
     ]
     for k in keys:
         print(f"  {k:<38}" + "".join(f"{str(results[m]['invariants'][k]):>12}" for m in modes))
-    ratios = {}
-    if {"elastic", "baseline"} <= set(results):
-        e, b = results["elastic"]["timeline"], results["baseline"]["timeline"]
+    if ratios:
         print("\nratios, elastic / baseline (same machine, same load, one run)")
-        for name, key in (
-            ("pause", "service_back"),
-            ("time to 95%", "throughput_95"),
-            ("time to rejoin", "all_in_view"),
-        ):
-            ratios[name] = _ratio(e[key], b[key])
-            r = ratios[name]
-            text = "-" if r is None else _ratio_text(r)
-            print(f"  {name:<16} {text}")
-    slim = {
-        m: {**r, "times": [round(t - r["t0"], 4) for t in r["times"]]} for m, r in results.items()
-    }
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "model": model_path,
-        "dtype": dtype,
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "runs": slim,
-        "ratios": ratios,
-    }
+        for name, r in ratios.items():
+            print(f"  {name:<16} {'-' if r is None else _ratio_text(r)}")
 
 
 def _plot(results: dict, path: str) -> None:
