@@ -26,7 +26,7 @@ class RuntimeConfig:
     block_size: int = 16
     model_name: str = "eep"
     elastic: bool = True  # False: the fixed-membership baseline
-    fabric_store: str = ""  # host:port of the TCP store that nccl/symm fabrics rendezvous at
+    fabric_store: str = ""  # host:port of the TCP store the nccl fabric rendezvous at
 
     def __post_init__(self) -> None:
         if self.num_slots < 1 or self.experts_per_slot < 1:

@@ -77,8 +77,8 @@ class Cluster:
             self.etcd_server = EtcdServer(data_dir=os.path.join(self.workdir, "etcd")).start()
         self.endpoint = self.opts.etcd or self.etcd_server.endpoint
         self.client, self.keys = EtcdClient(self.endpoint), Keys(self.cfg.cluster)
-        if self.cfg.fabric != "shm" and not self.cfg.fabric_store:
-            # the collective fabrics rendezvous at a TCP store that slot 0 hosts
+        if self.cfg.fabric == "nccl" and not self.cfg.fabric_store:
+            # the nccl fabric's process group rendezvous at a TCP store that slot 0 hosts
             store = f"127.0.0.1:{free_port()}"
             self.opts.runtime = dataclasses.replace(self.cfg, fabric_store=store)
         self.client.delete(self.keys.prefix, prefix=True)  # a fresh cluster: no stale views

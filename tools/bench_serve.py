@@ -156,7 +156,7 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
         torch.cuda.set_device(device)
         os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
     model, view_state, fabric_cfg = _build(slot, opts, device)
-    # one process group for the run (nccl and symm reuse it), formed before any fabric
+    # one process group for the run (the nccl fabric uses it), formed before any fabric
     ensure_process_group(
         opts["store_addr"], slot, opts["slots"], "gloo" if cpu else "nccl", 120, device
     )
