@@ -2,11 +2,12 @@
 
 ``--slots`` worker processes each build the model with their local experts (as a rank's
 worker does), an ``Engine`` with ``FabricMoE`` over every fabric compared, and serve the same
-batch of requests (``--batch`` per rank, greedy) under each fabric in turn, round after round,
-so drift hits all fabrics alike. No HTTP, no etcd: the view (all slots, the initial placement)
-is built in place. Compared: on CPU ``shm`` (elastic), ``shm`` with checks off and ``nccl``
-(gloo); on GPU ``symm``, ``symm`` with checks off and ``nccl``. Every fabric must produce the
-same tokens; the bench says whether they did.
+batch of requests (``--batch`` per rank, greedy) under each fabric in turn, round after round
+(each round starting with the next fabric), so drift hits all fabrics alike. No HTTP, no
+etcd: the view (all slots, the initial placement) is built in place. Compared: on CPU
+``shm`` (elastic), ``shm`` with checks off and ``nccl`` (gloo); on GPU ``symm``, ``symm``
+with checks off and ``nccl``. Every fabric must produce the same tokens; the bench says
+whether they did.
 
 Prints decode tokens/s (all ranks together; median over ``--rounds``) with ratios side by side,
 and writes everything to ``--out`` (JSON).
@@ -176,8 +177,13 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
         fabrics[name] = fabric
     timings: dict[str, list[dict]] = {name: [] for name in fabrics}
     tokens: dict[str, list] = {}
+    names = list(fabrics)
     for round_ in range(opts["rounds"] + 1):  # round 0 warms up (compiles, caches)
-        for name, fabric in fabrics.items():
+        # each round starts with another fabric, so no fabric always runs first (or after the
+        # same neighbour): an order effect would otherwise read as a fabric's cost
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fabric = fabrics[name]
             barrier.wait(timeout=120)
             outputs, timing = _generate(model, fabric, view_state, opts)
             if round_:
