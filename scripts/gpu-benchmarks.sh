@@ -10,6 +10,9 @@
 # recovery: the same shapes with RECOVERY_LAYERS layers (default 16) in fp32, so greedy outputs
 #           can be compared token for token with the single-process reference on one GPU;
 #           `eep bench recovery` (elastic, then the full-restart baseline).
+# serve-graphs: `eep bench serve` with --cuda-graphs (decode steps replayed from CUDA graphs;
+#           the nccl fabric runs the same padded steps eagerly), after the GPU test of the
+#           replayed steps (tests/eep/test_decode_graph_gpu.py).
 # recovery2: the same with two slots killed 1 s apart (within one TTL).
 # SLOTS (default 4) sets the EP width of every job: 8 on an 8-GPU machine.
 # Results go to $OUT (default ./gpu-out): JSON, PNG, and the clusters' logs as one tarball.
@@ -28,14 +31,22 @@ step() { echo "== +$(($(date +%s) - t0)) s: $*"; }
 cli() { python3 -m eep.tools.cli "$@"; }
 jobs_="${*:-serve recovery}"
 
-if [[ " $jobs_ " == *" serve "* ]]; then
+serve() {  # $1: name, then extra arguments of the bench
+    local name=$1
+    shift
     step "weights: 48 layers, bf16"
     [ -f "$WEIGHTS/config.json" ] || cli make-weights --config qwen3-30b-a3b --out "$WEIGHTS" \
         --dtype bf16 2>&1 | tail -1
-    step "bench serve"
+    step "bench serve ($name)"
     cli bench serve --device cuda --model "$WEIGHTS" --slots "$SLOTS" --experts-per-slot $((160 / SLOTS)) \
-        --batch 32 --prompt-len 16 --gen-len 32 --rounds 5 --max-tokens-per-step 128 \
-        --out "$OUT/serve.json" 2>&1 | grep -v '^\[rank' | tail -12
+        --batch 32 --prompt-len 16 --gen-len 32 --rounds 5 --max-tokens-per-step 128 "$@" \
+        --out "$OUT/$name.json" 2>&1 | grep -v '^\[rank' | tail -12
+}
+[[ " $jobs_ " == *" serve "* ]] && serve serve
+if [[ " $jobs_ " == *" serve-graphs "* ]]; then
+    step "GPU test: replayed decode steps"
+    python3 -m pytest -q -m gpu tests/eep/test_decode_graph_gpu.py 2>&1 | tail -3
+    serve serve-graphs --cuda-graphs
 fi
 
 recovery() {  # $1: name, then extra arguments of the bench

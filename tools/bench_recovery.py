@@ -62,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="bounded wait on a peer per step in s (default 2 on cpu, 0.5 on cuda)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="run decode steps on padded static buffers and replay them from CUDA graphs "
+        "(symm fabric on GPUs; elsewhere the padded steps run eagerly). Off by default: not "
+        "yet measured on GPUs",
+    )
     parser.add_argument("--modes", default="elastic,baseline", help="runs, in order")
     parser.add_argument("--log-dir", default=None, help="keep the clusters' logs here")
     parser.add_argument("--out", default="bench-recovery.json", help="JSON results")
@@ -425,6 +432,7 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
         ttl_s=args.ttl,
         fabric=_fabric(args.device, mode),
         exchange_timeout_s=args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0),
+        cuda_graphs=args.cuda_graphs,
     )
     log_dir = os.path.join(root, mode)
     os.makedirs(log_dir, exist_ok=True)

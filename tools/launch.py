@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bounded wait on a peer per step before the step is discarded (default 2 s on "
         "cpu, 0.5 s on cuda)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="run decode steps on padded static buffers and replay them from CUDA graphs "
+        "(symm fabric on GPUs; elsewhere the padded steps run eagerly). Off by default: not "
+        "yet measured on GPUs",
+    )
     parser.add_argument("--etcd", default=None, help="use this etcd (default: start one)")
     parser.add_argument("--cluster", default=None, help="cluster name (default: random)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -107,6 +114,7 @@ def runtime_config(args: argparse.Namespace, model_path: str):
         fabric=fabric,
         ttl_s=args.ttl,
         exchange_timeout_s=args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0),
+        cuda_graphs=args.cuda_graphs,
     )
 
 

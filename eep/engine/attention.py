@@ -42,6 +42,27 @@ class BatchAttention:
         self.q_rows = first_row[:, None] + torch.minimum(qi[None, :], count[:, None] - 1)
         self.out_seq, self.out_idx = seq, idx
 
+    @classmethod
+    def decode(
+        cls, table: torch.Tensor, positions: torch.Tensor, block_size: int
+    ) -> BatchAttention:
+        """The plan of a decode step from device tensors alone (graph-capturable): row ``b``
+        is one query at ``positions[b]`` of the request whose block table is ``table[b]``;
+        the context is ``table.shape[1] * block_size`` positions, those past the query
+        masked."""
+        self = cls.__new__(cls)
+        rows, width = table.shape
+        kpos = torch.arange(width * block_size, device=table.device)
+        self.write_block = table.gather(1, (positions // block_size)[:, None]).squeeze(1)
+        self.write_offset = positions % block_size
+        self.read_block = table[:, kpos // block_size]  # [B, C]
+        self.read_offset = (kpos % block_size).expand_as(self.read_block)
+        self.mask = (kpos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, C]
+        row = torch.arange(rows, device=table.device)
+        self.q_rows = row[:, None]
+        self.out_seq, self.out_idx = row, torch.zeros_like(row)
+        return self
+
     def __call__(
         self, arena: torch.Tensor, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from eep.model.qwen3_moe import Qwen3MoeModel
 
 from .attention import BatchAttention
+from .decode_graph import DecodeRunner
 from .kv_cache import KVCache, KVCacheConfig
 from .moe_exec import LocalMoE, MoEExecutor
 from .sampling import SamplingParams, sample
@@ -37,7 +38,10 @@ class Engine:
         max_tokens_per_step: int = 64,
         moe: MoEExecutor | None = None,
         kv_buffer: torch.Tensor | None = None,
+        decode_graphs: bool = False,
     ):
+        """``decode_graphs``: run decode steps on static, padded buffers and, on a GPU with
+        a graph-safe MoE executor, replay them from CUDA graphs (``decode_graph``)."""
         cfg = model.config
         self.model = model
         device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
@@ -49,6 +53,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_tokens_per_step)
         self.moe: MoEExecutor = moe or LocalMoE()
         self.steps = 0
+        self.decode: DecodeRunner | None = DecodeRunner(self) if decode_graphs else None
 
     def add(self, seq: Sequence) -> None:
         if seq.max_len > self.max_model_len:
@@ -66,18 +71,31 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Run one step (possibly with zero tokens: every live slot joins every exchange)."""
         batch = self.scheduler.schedule()
-        ids, positions = self._inputs(batch)
-        h = self.model.embed(ids)
-        plan = self._plan(batch) if batch else None
+        if self.decode is not None and self.decode.fits(batch):
+            logits = self.decode.step(batch, self._end_step)
+        else:
+            ids, positions = self._inputs(batch)
+            plan = self._plan(batch) if batch else None
+            h = self.layers(self.model.embed(ids), positions, plan)
+            self._end_step()
+            ends = torch.tensor([0] + [s.count for s in batch]).cumsum(0)[1:] - 1
+            sampling = [i for i, s in enumerate(batch) if s.samples]
+            logits = self.model.final(h[ends[sampling]]) if sampling else None
+        self.steps += 1
+        return self._commit(batch, logits)
+
+    def layers(self, h: torch.Tensor, positions: torch.Tensor, plan) -> torch.Tensor:
+        """Every decoder layer over the step's hidden states ``h`` ``[T, H]``."""
         for idx, layer in enumerate(self.model.layers):
             h = h + self._attention(idx, layer, layer.input_layernorm(h), positions, plan)
             x = layer.post_attention_layernorm(h)
             h = h + (self.moe(idx, layer.moe, x) if layer.is_moe else layer.mlp(x))
+        return h
+
+    def _end_step(self) -> None:
         end_step = getattr(self.moe, "end_step", None)
         if end_step is not None:
             end_step()  # a fabric that checks once per step raises ExchangeFailed here
-        self.steps += 1
-        return self._commit(batch, h)
 
     def _inputs(self, batch: list[Scheduled]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions = [], []
@@ -103,10 +121,9 @@ class Engine:
             return attn.out(q.reshape(0, q.shape[1] * q.shape[2]))
         return attn.out(plan(self.kv.arena, idx, q, k, v))
 
-    def _commit(self, batch: list[Scheduled], h: torch.Tensor) -> list[TokenEvent]:
-        ends = torch.tensor([0] + [s.count for s in batch]).cumsum(0)[1:] - 1
+    def _commit(self, batch: list[Scheduled], logits: torch.Tensor | None) -> list[TokenEvent]:
+        """``logits``: one row per sampling request of ``batch``, in batch order."""
         sampling = [i for i, s in enumerate(batch) if s.samples]
-        logits = self.model.final(h[ends[sampling]]) if sampling else None
         events = []
         for s in batch:
             s.seq.num_computed += s.count

@@ -68,6 +68,13 @@ class KVCache:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.block_size)
 
+    def reserve_scratch(self) -> int:
+        """Takes one block out of circulation for good and returns it: the padded rows of
+        static decode steps write and read there (``eep.engine.decode_graph``)."""
+        if not self._free:
+            raise KVCacheFull("no block left for the decode scratch block")
+        return self._free.pop()
+
     def reserve(self, table: BlockTable, num_tokens: int) -> None:
         """Grow ``table`` to hold ``num_tokens`` positions."""
         need = self.blocks_for(num_tokens) - len(table.blocks)

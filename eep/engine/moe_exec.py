@@ -92,6 +92,13 @@ class FabricMoE:
     def __init__(self, fabric, view):
         self.fabric, self.view = fabric, view
 
+    @property
+    def graph_safe(self) -> bool:
+        """A layer never syncs the host, so CUDA graphs can record it: fabrics with
+        ``run_moe`` (``symm``) on a GPU."""
+        device = getattr(self.fabric, "device", None)
+        return hasattr(self.fabric, "run_moe") and device is not None and device.type == "cuda"
+
     def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor:
         topk_ids, weights = moe.route(x)
         v = self.view

@@ -284,6 +284,6 @@ class SymmFabric:
         # Dropped entries (-1) hold stale rows. So do entries of a suspect slot, but a suspect
         # fails the step (end_step), and routing never picks a slot outside the mask: with
         # checks on or off, only the dropped ones need masking here.
-        ok = kh.topk_phy.reshape(-1) >= 0
-        per_k = torch.where(ok.unsqueeze(-1), per_k, torch.zeros((), dtype=per_k.dtype))
+        dropped = kh.topk_phy.reshape(-1) < 0
+        per_k = per_k.masked_fill(dropped.unsqueeze(-1), 0)  # no host tensor: graph-safe
         return weighted_sum(per_k, kh.topk_weights.to(cfg.dtype))

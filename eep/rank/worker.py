@@ -209,7 +209,14 @@ class Worker:
             cfg.max_tokens_per_step,
             moe=FabricMoE(self.fabric, self.view_state),
             kv_buffer=self.kv_arena.buffer,
+            decode_graphs=cfg.cuda_graphs,
         )
+        if engine.decode is not None:
+            log.info(
+                "%s: padded decode steps, CUDA graphs %s",
+                self._ctx(),
+                "on" if engine.decode.capture else "off (this device or fabric cannot)",
+            )
         if cfg.fabric == "symm":
             # alone (no peer waits): every kernel of a step compiled before `ready`, so the
             # survivors never wait on a compile when this slot joins

@@ -30,7 +30,12 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 def start_cluster(
-    model_dir: str, tmp_path, torchrun: bool, slots: int = 4, baseline: bool = False
+    model_dir: str,
+    tmp_path,
+    torchrun: bool,
+    slots: int = 4,
+    baseline: bool = False,
+    cuda_graphs: bool = False,
 ) -> Cluster:
     cfg = RuntimeConfig(
         cluster=f"e2e-{uuid.uuid4().hex[:6]}",
@@ -40,6 +45,7 @@ def start_cluster(
         dtype=DTYPE,
         ttl_s=2,
         exchange_timeout_s=2.0,
+        cuda_graphs=cuda_graphs,
     )
     opts = ClusterOptions(cfg, torchrun=torchrun, log_dir=str(tmp_path), baseline=baseline)
     return Cluster(opts).start(timeout_s=180)
