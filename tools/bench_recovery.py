@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from .common import scrape_metrics
+from .common import add_data_plane_arguments, exchange_timeout_s, scrape_metrics
 
 MODES = ("elastic", "baseline")
 
@@ -56,19 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bin", type=float, default=0.5, help="throughput bin in s (0.5)")
     parser.add_argument("--window", type=float, default=3.0, help="recovery window in s (3)")
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (3)")
-    parser.add_argument(
-        "--exchange-timeout",
-        type=float,
-        default=None,
-        help="bounded wait on a peer per step in s (default 2 on cpu, 0.5 on cuda)",
-    )
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="run decode steps on padded static buffers and replay them from CUDA graphs "
-        "(symm fabric on GPUs; elsewhere the padded steps run eagerly). Off by default: not "
-        "yet measured on GPUs",
-    )
+    add_data_plane_arguments(parser)
     parser.add_argument("--modes", default="elastic,baseline", help="runs, in order")
     parser.add_argument("--log-dir", default=None, help="keep the clusters' logs here")
     parser.add_argument("--out", default="bench-recovery.json", help="JSON results")
@@ -431,7 +419,7 @@ def _run_mode(mode, args, model_path, dtype, prompts, expected, root) -> dict:
         dtype=dtype,
         ttl_s=args.ttl,
         fabric=_fabric(args.device, mode),
-        exchange_timeout_s=args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0),
+        exchange_timeout_s=exchange_timeout_s(args),
         cuda_graphs=args.cuda_graphs,
     )
     log_dir = os.path.join(root, mode)

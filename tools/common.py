@@ -33,6 +33,30 @@ def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_plane_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data-plane options of a launched cluster (``eep launch``, ``eep bench recovery``);
+    read back with :func:`exchange_timeout_s` and ``args.cuda_graphs``."""
+    parser.add_argument(
+        "--exchange-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="bounded wait on a peer per step before the step is discarded (default 2 s on "
+        "cpu, 0.5 s on cuda)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="run decode steps on padded static buffers and replay them from CUDA graphs "
+        "(symm fabric on GPUs; elsewhere the padded steps run eagerly). Off by default: not "
+        "yet measured on GPUs",
+    )
+
+
+def exchange_timeout_s(args: argparse.Namespace) -> float:
+    return args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0)
+
+
 def connect(args: argparse.Namespace) -> tuple[EtcdClient, Keys]:
     return EtcdClient(args.etcd, timeout_s=args.etcd_timeout), Keys(args.cluster)
 

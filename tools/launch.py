@@ -12,6 +12,8 @@ import signal
 import threading
 import uuid
 
+from .common import add_data_plane_arguments, exchange_timeout_s
+
 TINY_DIR = os.path.join(".eep", "models", "tiny")
 
 
@@ -41,21 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fixed-membership baseline's collectives, its GPU default; gloo on the CPU; only with "
         "--baseline)",
     )
-    parser.add_argument(
-        "--exchange-timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="bounded wait on a peer per step before the step is discarded (default 2 s on "
-        "cpu, 0.5 s on cuda)",
-    )
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="run decode steps on padded static buffers and replay them from CUDA graphs "
-        "(symm fabric on GPUs; elsewhere the padded steps run eagerly). Off by default: not "
-        "yet measured on GPUs",
-    )
+    add_data_plane_arguments(parser)
     parser.add_argument("--etcd", default=None, help="use this etcd (default: start one)")
     parser.add_argument("--cluster", default=None, help="cluster name (default: random)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -113,7 +101,7 @@ def runtime_config(args: argparse.Namespace, model_path: str):
         dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
         fabric=fabric,
         ttl_s=args.ttl,
-        exchange_timeout_s=args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0),
+        exchange_timeout_s=exchange_timeout_s(args),
         cuda_graphs=args.cuda_graphs,
     )
 

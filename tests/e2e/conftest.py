@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -76,6 +79,36 @@ def stream(url: str, body: dict, timeout_s: float = 120) -> list[dict]:
                 break
             chunks.append(json.loads(line[6:]))
     return chunks
+
+
+def load_with_faults(cluster, model_dir, faults, n=12, max_tokens=28, timeout_s=180):
+    """``n`` concurrent requests; ``faults(futures, epoch_before)`` runs mid-decode. Every
+    output must equal the single-process run. Returns ``(epoch_before, what faults returned)``."""
+    prompts = prompts_for(n)
+    params = [SamplingParams(max_tokens=max_tokens) for _ in range(n)]
+    expected = reference_outputs(model_dir, prompts, params)
+    epoch_before = cluster.watcher.latest.epoch
+    with ThreadPoolExecutor(n) as pool:
+        futures = [
+            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, timeout_s)
+            for p in prompts
+        ]
+        time.sleep(0.5)  # mid-decode
+        during = faults(futures, epoch_before)
+        results = [f.result() for f in futures]
+    for i, result in enumerate(results):
+        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
+    return epoch_before, during
+
+
+def kill_slots(cluster, slots, sig=signal.SIGKILL):
+    """A ``faults`` for :func:`load_with_faults`: ``sig`` to the workers of ``slots``."""
+
+    def kill(futures, epoch_before):
+        for slot in slots:
+            os.kill(cluster.wait_worker_pid(slot), sig)
+
+    return kill
 
 
 def prompts_for(n: int) -> list[list[int]]:

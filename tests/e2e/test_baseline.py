@@ -4,16 +4,9 @@ and every request still completes with the single-process result once the new vi
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from eep.engine.sampling import SamplingParams
-
-from .conftest import complete, prompts_for, reference_outputs, start_cluster
+from .conftest import kill_slots, load_with_faults, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -30,19 +23,7 @@ def cluster(tiny_model_dir, tmp_path):
 def test_a_killed_worker_restarts_every_slot_and_loses_no_request(cluster, tiny_model_dir):
     before = cluster.watcher.latest
     assert len(before.members) == SLOTS
-    n, max_tokens = 8, 24
-    prompts = prompts_for(n)
-    expected = reference_outputs(tiny_model_dir, prompts, [SamplingParams(max_tokens)] * n)
-    with ThreadPoolExecutor(n) as pool:
-        futures = [
-            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, 180)
-            for p in prompts
-        ]
-        time.sleep(0.5)  # mid-decode
-        os.kill(cluster.wait_worker_pid(2), signal.SIGKILL)
-        results = [f.result() for f in futures]
-    for i, result in enumerate(results):
-        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
+    load_with_faults(cluster, tiny_model_dir, kill_slots(cluster, [2]), n=8, max_tokens=24)
     back = cluster.watcher.wait_for(
         lambda v: (
             len(v.members) == SLOTS

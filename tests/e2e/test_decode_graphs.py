@@ -5,8 +5,6 @@ single-process run, through a rank killed mid-decode and its return."""
 from __future__ import annotations
 
 import os
-import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +12,14 @@ import pytest
 from eep.engine.sampling import SamplingParams
 from eep.tools.common import scrape_metrics
 
-from .conftest import complete, prompts_for, reference_outputs, start_cluster
+from .conftest import (
+    complete,
+    kill_slots,
+    load_with_faults,
+    prompts_for,
+    reference_outputs,
+    start_cluster,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +34,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
 
 
 def test_padded_decode_steps_serve_reference_outputs_through_a_kill(cluster, tiny_model_dir):
-    n, max_tokens = 12, 28
-    prompts = prompts_for(n)
-    expected = reference_outputs(
-        tiny_model_dir, prompts, [SamplingParams(max_tokens=max_tokens)] * n
-    )
-    before = cluster.watcher.latest.epoch
-    with ThreadPoolExecutor(n) as pool:
-        futures = [
-            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, 180)
-            for p in prompts
-        ]
-        time.sleep(0.5)  # mid-decode
-        os.kill(cluster.wait_worker_pid(2), signal.SIGKILL)
-        results = [f.result() for f in futures]
-    for i, result in enumerate(results):
-        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
+    before, _ = load_with_faults(cluster, tiny_model_dir, kill_slots(cluster, [2]))
     assert scrape_metrics(cluster.url)["eep_duplicate_tokens_total"] == 0
     assert any(2 not in v.members for v in cluster.history() if v.epoch > before)
     back = cluster.watcher.wait_for(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,7 +14,14 @@ import pytest
 from eep.engine.sampling import SamplingParams
 from eep.tools.common import scrape_metrics
 
-from .conftest import complete, prompts_for, reference_outputs, start_cluster
+from .conftest import (
+    complete,
+    kill_slots,
+    load_with_faults,
+    prompts_for,
+    reference_outputs,
+    start_cluster,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,32 +37,8 @@ def _metric(url: str, name: str) -> float:
     return scrape_metrics(url)[name]
 
 
-def _load(cluster, model_dir, faults, n=12, max_tokens=28, timeout_s=180):
-    """``n`` concurrent requests; ``faults(futures, epoch_before)`` runs mid-decode. Every
-    output must equal the single-process run. Returns ``(epoch_before, what faults returned)``."""
-    prompts = prompts_for(n)
-    params = [SamplingParams(max_tokens=max_tokens) for _ in range(n)]
-    expected = reference_outputs(model_dir, prompts, params)
-    epoch_before = cluster.watcher.latest.epoch
-    with ThreadPoolExecutor(n) as pool:
-        futures = [
-            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, timeout_s)
-            for p in prompts
-        ]
-        time.sleep(0.5)  # mid-decode
-        during = faults(futures, epoch_before)
-        results = [f.result() for f in futures]
-    for i, result in enumerate(results):
-        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
-    return epoch_before, during
-
-
-def _load_with_kills(cluster, model_dir, kill_slots, sig=signal.SIGKILL):
-    def kill(futures, epoch_before):
-        for slot in kill_slots:
-            os.kill(cluster.wait_worker_pid(slot), sig)
-
-    return _load(cluster, model_dir, kill)[0]
+def _load_with_kills(cluster, model_dir, slots, sig=signal.SIGKILL):
+    return load_with_faults(cluster, model_dir, kill_slots(cluster, slots, sig))[0]
 
 
 def _wait_all_back(cluster, after_epoch: int, slots) -> None:
@@ -124,7 +106,7 @@ def test_a_rejoined_rank_takes_in_flight_requests_with_their_kv(cluster, tiny_mo
         return sum(not f.done() for f in futures)
 
     # long enough to be still decoding (with KV to move) when the killed slot rejoins
-    _, pending_at_rejoin = _load(
+    _, pending_at_rejoin = load_with_faults(
         cluster, tiny_model_dir, kill_and_rejoin, n=16, max_tokens=400, timeout_s=300
     )
     assert pending_at_rejoin, "every request finished before the rejoin: make them longer"
@@ -145,7 +127,9 @@ def test_a_rank_killed_while_another_recovers_loses_no_request(cluster, tiny_mod
         # slot 1's next worker is starting (seconds of imports and loading): kill another now
         os.kill(cluster.wait_worker_pid(2), signal.SIGKILL)
 
-    before, _ = _load(cluster, tiny_model_dir, kill_during_recovery, max_tokens=40, timeout_s=300)
+    before, _ = load_with_faults(
+        cluster, tiny_model_dir, kill_during_recovery, max_tokens=40, timeout_s=300
+    )
     assert _metric(cluster.url, "eep_duplicate_tokens_total") == 0
     _wait_all_back(cluster, before, [1, 2])
     history = [v for v in cluster.history() if v.epoch > before]
