@@ -27,7 +27,9 @@ class RuntimeConfig:
     model_name: str = "eep"
     elastic: bool = True  # False: the fixed-membership baseline
     fabric_store: str = ""  # host:port of the TCP store the nccl fabric rendezvous at
-    cuda_graphs: bool = False  # decode steps padded, replayed from CUDA graphs (symm on GPU)
+    # decode steps padded, replayed from CUDA graphs (symm on GPU); eep launch --device cuda
+    # turns it on unless --no-cuda-graphs
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.num_slots < 1 or self.experts_per_slot < 1:

@@ -261,9 +261,10 @@ class EtcdClient:
             raise EtcdRequestError(f"etcd refused a lease of {ttl_s} s: {result['error']}")
         return int(result["ID"]), int(result["TTL"])
 
-    def lease_keepalive(self, lease_id: int) -> int:
-        """Renew a lease once; returns the new TTL, or -1 if the lease no longer exists."""
-        result = self._post("lease/keepalive", {"ID": lease_id})
+    def lease_keepalive(self, lease_id: int, timeout_s: float | None = None) -> int:
+        """Renew a lease once; returns the new TTL, or -1 if the lease no longer exists.
+        ``timeout_s`` (default: the client's) bounds the request on each endpoint."""
+        result = self._post("lease/keepalive", {"ID": lease_id}, timeout_s=timeout_s)
         return int(result.get("result", {}).get("TTL", -1))
 
     def lease_revoke(self, lease_id: int) -> bool:

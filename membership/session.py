@@ -164,9 +164,12 @@ class Session:
             wait = self._renew_once(now, interval)
 
     def _renew_once(self, sent: float, interval: float) -> float:
-        """One keepalive; returns how long to wait before the next one."""
+        """One keepalive; returns how long to wait before the next one. The request is
+        bounded by half the renewal interval (not the client's timeout, 2 s by default): a
+        renewal that stalls on a dead connection must leave time for retries before the
+        fence deadline, ``TTL - margin`` after the last success (2.7 s at TTL 3)."""
         try:
-            ttl = self.client.lease_keepalive(self.lease_id)
+            ttl = self.client.lease_keepalive(self.lease_id, timeout_s=max(0.25, interval / 2))
         except (EtcdUnavailable, EtcdRequestError) as exc:
             # etcd restarting or unreachable: retry quickly until the fence deadline
             log.info("%s: renewal failed (%s); retrying", self.name, exc.__class__.__name__)

@@ -2,17 +2,18 @@
 # The GPU benchmarks of docs/benchmarks.md in one call on the lent 4-GPU machine (run from the
 # project root, with the offline bundle carried: ../shared/gpu/make-bundle .gpu-bundle):
 #
-#   bash scripts/gpu-benchmarks.sh [serve] [recovery] [recovery2]   (serve and recovery when
-#                                                                    none is named)
+#   bash scripts/gpu-benchmarks.sh [serve] [serve-eager] [recovery] [recovery2]
+#                                   (serve and recovery when none is named)
 #
 # serve:    Qwen3-30B-A3B-sized random weights, all 48 layers, bf16: `eep bench serve`
-#           (symm elastic vs checks off vs nccl).
+#           (symm elastic vs checks off vs nccl) with decode steps replayed from CUDA graphs
+#           (the default on GPUs; the nccl fabric runs the same padded steps eagerly), after
+#           the GPU test of the replayed steps (tests/eep/test_decode_graph_gpu.py).
+# serve-eager: the same with --no-cuda-graphs (every step launched eagerly).
 # recovery: the same shapes with RECOVERY_LAYERS layers (default 16) in fp32, so greedy outputs
 #           can be compared token for token with the single-process reference on one GPU;
-#           `eep bench recovery` (elastic, then the full-restart baseline).
-# serve-graphs: `eep bench serve` with --cuda-graphs (decode steps replayed from CUDA graphs;
-#           the nccl fabric runs the same padded steps eagerly), after the GPU test of the
-#           replayed steps (tests/eep/test_decode_graph_gpu.py).
+#           `eep bench recovery` (elastic, then the full-restart baseline; RECOVERY_MODES=elastic
+#           for the elastic run only).
 # recovery2: the same with two slots killed 1 s apart (within one TTL).
 # SLOTS (default 4) sets the EP width of every job: 8 on an 8-GPU machine.
 # Results go to $OUT (default ./gpu-out): JSON, PNG, and the clusters' logs as one tarball.
@@ -42,12 +43,12 @@ serve() {  # $1: name, then extra arguments of the bench
         --batch 32 --prompt-len 16 --gen-len 32 --rounds 5 --max-tokens-per-step 128 "$@" \
         --out "$OUT/$name.json" 2>&1 | grep -v '^\[rank' | tail -12
 }
-[[ " $jobs_ " == *" serve "* ]] && serve serve
-if [[ " $jobs_ " == *" serve-graphs "* ]]; then
+if [[ " $jobs_ " == *" serve "* ]]; then
     step "GPU test: replayed decode steps"
     python3 -m pytest -q -m gpu tests/eep/test_decode_graph_gpu.py 2>&1 | tail -3
-    serve serve-graphs --cuda-graphs
+    serve serve
 fi
+[[ " $jobs_ " == *" serve-eager "* ]] && serve serve-eager --no-cuda-graphs
 
 recovery() {  # $1: name, then extra arguments of the bench
     local name=$1 R="$WEIGHTS-$LAYERS"
@@ -57,7 +58,8 @@ recovery() {  # $1: name, then extra arguments of the bench
         --out "$R" --dtype bf16 2>&1 | tail -1
     step "bench recovery ($name)"
     rm -rf /tmp/eep-recovery-logs
-    cli bench recovery --device cuda --model "$R" --dtype float32 --slots "$SLOTS" "$@" \
+    cli bench recovery --device cuda --model "$R" --dtype float32 --slots "$SLOTS" \
+        --modes "${RECOVERY_MODES:-elastic,baseline}" "$@" \
         --log-dir /tmp/eep-recovery-logs --out "$OUT/$name.json" --plot "$OUT/$name.png" 2>&1 |
         grep -v '^\[rank' | tail -50
     # the logs, trimmed, in one file (the device tool returns a limited number of files)

@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from .common import add_data_plane_arguments, exchange_timeout_s, scrape_metrics
+from .common import add_data_plane_arguments, cuda_graphs, exchange_timeout_s, scrape_metrics
 
 MODES = ("elastic", "baseline")
 
@@ -339,6 +339,7 @@ def invariants(
 
 
 def run(args: argparse.Namespace) -> int:
+    args.cuda_graphs = cuda_graphs(args)  # resolved, so the JSON says what ran
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         raise SystemExit(f"--modes {args.modes!r}: name runs among {', '.join(MODES)}")

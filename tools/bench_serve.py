@@ -25,6 +25,8 @@ import tempfile
 import time
 import uuid
 
+from .common import add_cuda_graphs_argument, cuda_graphs
+
 # (name, fabric kind, elastic) per device type; the first is the one ratios are against
 _CPU_FABRICS = (("shm", "shm", True), ("shm-checks-off", "shm", False), ("nccl-gloo", "nccl", True))
 _GPU_FABRICS = (("symm", "symm", True), ("symm-checks-off", "symm", False), ("nccl", "nccl", True))
@@ -50,17 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per fabric")
     parser.add_argument("--max-tokens-per-step", type=int, default=64)
     parser.add_argument("--timeout-s", type=float, default=30.0, help="exchange timeout")
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="decode steps on padded static buffers, replayed from CUDA graphs where the "
-        "fabric allows it (symm on GPU; the nccl fabric runs the same padded steps eagerly)",
-    )
+    add_cuda_graphs_argument(parser)
     parser.add_argument("--out", default="serve-bench.json", help="JSON results path")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    args.cuda_graphs = cuda_graphs(args)  # resolved, so the JSON says what ran
 
     if args.device == "cuda" and torch.cuda.device_count() < args.slots:
         print(f"--device cuda needs {args.slots} GPUs; found {torch.cuda.device_count()}.")

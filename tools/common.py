@@ -35,7 +35,7 @@ def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_data_plane_arguments(parser: argparse.ArgumentParser) -> None:
     """The data-plane options of a launched cluster (``eep launch``, ``eep bench recovery``);
-    read back with :func:`exchange_timeout_s` and ``args.cuda_graphs``."""
+    read back with :func:`exchange_timeout_s` and :func:`cuda_graphs`."""
     parser.add_argument(
         "--exchange-timeout",
         type=float,
@@ -44,13 +44,23 @@ def add_data_plane_arguments(parser: argparse.ArgumentParser) -> None:
         help="bounded wait on a peer per step before the step is discarded (default 2 s on "
         "cpu, 0.5 s on cuda)",
     )
+    add_cuda_graphs_argument(parser)
+
+
+def add_cuda_graphs_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cuda-graphs``/``--no-cuda-graphs``, read back with :func:`cuda_graphs`."""
     parser.add_argument(
         "--cuda-graphs",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="run decode steps on padded static buffers and replay them from CUDA graphs "
-        "(symm fabric on GPUs; elsewhere the padded steps run eagerly). Off by default: not "
-        "yet measured on GPUs",
+        "(the symm fabric on GPUs; the nccl fabric runs the same padded steps eagerly, and "
+        "CPU ranks run them eagerly). Default: on with --device cuda, off on cpu",
     )
+
+
+def cuda_graphs(args: argparse.Namespace) -> bool:
+    return args.device == "cuda" if args.cuda_graphs is None else args.cuda_graphs
 
 
 def exchange_timeout_s(args: argparse.Namespace) -> float:

@@ -12,7 +12,7 @@ import signal
 import threading
 import uuid
 
-from .common import add_data_plane_arguments, exchange_timeout_s
+from .common import add_data_plane_arguments, cuda_graphs, exchange_timeout_s
 
 TINY_DIR = os.path.join(".eep", "models", "tiny")
 
@@ -102,7 +102,7 @@ def runtime_config(args: argparse.Namespace, model_path: str):
         fabric=fabric,
         ttl_s=args.ttl,
         exchange_timeout_s=exchange_timeout_s(args),
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=cuda_graphs(args),
     )
 
 

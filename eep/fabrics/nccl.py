@@ -15,13 +15,16 @@ No elasticity: the process group is formed once by every slot (rank = slot, worl
 ``num_slots``, rendezvous at a TCP store that slot 0 hosts) and :meth:`NcclFabric.apply_view`
 accepts only the full membership it started with. A missing peer is not survivable: on CPU
 (gloo) each collective is bounded by ``cfg.timeout_s`` and then raises
-:class:`CollectiveFailed`; on GPU (NCCL) the host cannot bound an enqueued collective, so the
-call hangs until NCCL's watchdog aborts the process at the group's timeout, as any NCCL job
-does. Either way the cluster must be restarted. On GPU the wait is at least
+:class:`CollectiveFailed`; on GPU (NCCL) the host only orders its stream after the collective,
+as an ordinary NCCL EP layer does, and a collective that never completes hangs until NCCL's
+watchdog aborts the process at the group's timeout (``init_timeout_s``, at least
 ``NCCL_MIN_TIMEOUT_S``: the first collective sets up NCCL's connections, which takes longer
-than an elastic exchange timeout (0.5-2 s), and a blocking wait that expires aborts the
-communicator ("unhandled system error" on every rank, seen on the lent H200s); the baseline
-learns of a dead peer from torchrun (the process exits), not from this wait.
+than an elastic exchange timeout). Either way the cluster must be restarted; the baseline
+learns of a dead peer from torchrun (the process exits), not from this wait. A host-side
+bounded wait on NCCL (``work.wait(timeout)``) is not used: it polls the collective's event with
+a sleep between polls, a fixed cost per exchange that made this baseline slower than the
+collectives it measures, and one that expires aborts the communicator ("unhandled system
+error" on every rank, seen on the lent H200s).
 
 gloo implements ``all_to_all_single`` (checked on torch 2.13, CPU wheel, uint8 payloads and
 zero-row splits included), so the CPU and GPU paths are the same code.
@@ -156,11 +159,11 @@ class NcclFabric:
     ):
         self.slot, self.cfg, self.device = slot, cfg, torch.device(device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self._owns_group = ensure_process_group(
-            store_addr, slot, cfg.num_slots, backend, init_timeout_s, self.device
-        )
         floor = NCCL_MIN_TIMEOUT_S if backend == "nccl" else 0.0
-        self._timeout = timedelta(seconds=max(cfg.timeout_s, floor))
+        self._owns_group = ensure_process_group(
+            store_addr, slot, cfg.num_slots, backend, max(init_timeout_s, floor), self.device
+        )
+        self._timeout = timedelta(seconds=cfg.timeout_s)  # gloo's per-collective bound
         self._row_bytes = cfg.hidden * torch.empty((), dtype=cfg.dtype).element_size()
         self.epoch, self.members = 0, ()
         self._incarnations: dict[int, int] | None = None
@@ -238,8 +241,14 @@ class NcclFabric:
     def _all_to_all(self, out, inp, out_splits, in_splits, what: str) -> None:
         try:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, async_op=True)
-            # gloo honours this bound; NCCL only orders the stream (its watchdog bounds it)
-            work.wait(self._timeout)
+            if self.device.type == "cuda":
+                # stream-ordered, as any NCCL EP layer waits: a timeout here would make the
+                # host poll the collective's event with a sleep between polls (a fixed cost
+                # per exchange that an ordinary baseline does not pay); the group's watchdog
+                # bounds it instead
+                work.wait()
+            else:
+                work.wait(self._timeout)  # gloo honours this bound
         except RuntimeError as exc:  # dist.DistError is one
             raise CollectiveFailed(
                 f"slot {self.slot} epoch {self.epoch}: {what} all_to_all failed ({exc}); a "

@@ -102,6 +102,67 @@ def test_a_session_that_moves_keeps_its_lease(etcd):
         assert etcd.lease_ttl(session.lease_id) >= 0
 
 
+class _StallingProxy:
+    """A TCP relay to etcd that can go silent: while ``stalled``, every connection (new or
+    open) stops relaying, and a connection that saw a stall never answers again (a dead
+    connection, as a lost packet stream looks to a client)."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.stalled = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            dead = threading.Event()
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst, dead), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, dead: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.stalled.is_set():
+                    dead.set()
+                if not dead.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_renewal_stalled_on_a_dead_connection_is_retried_before_the_fence(etcd_server):
+    """The client's timeout (2 s) is longer than the slack a TTL of 3 s leaves (2.7 s after the
+    last renewal): a keepalive stuck on a dead connection for the whole timeout would fence a
+    healthy owner. Renewals are bounded by half the renewal interval and retried."""
+    proxy = _StallingProxy(etcd_server.endpoint)
+    client = EtcdClient(proxy.endpoint, timeout_s=2.0)
+    session = Session(client, SessionConfig(ttl_s=3, margin_s=0.3)).open()
+    try:
+        time.sleep(0.8)  # the first renewal is due at 1 s: it meets the stall
+        proxy.stalled.set()
+        time.sleep(0.9)
+        proxy.stalled.clear()
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            session.check()  # raises Fenced if no renewal landed in time
+            time.sleep(0.05)
+        assert client.lease_ttl(session.lease_id) > 0
+    finally:
+        session.close()
+        client.close()
+        proxy.close()
+
+
 def test_the_fence_deadline_is_checked_on_the_local_clock(etcd):
     with Session(etcd, SessionConfig(ttl_s=2, margin_s=0.5)) as session:
         session._last_renewal -= 5  # as if the process had been frozen for 5 s
