@@ -113,6 +113,7 @@ class _StallingProxy:
         self.stalled = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -122,6 +123,7 @@ class _StallingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
             dead = threading.Event()
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst, dead), daemon=True).start()
@@ -138,6 +140,8 @@ class _StallingProxy:
 
     def close(self) -> None:
         self.listener.close()
+        for sock in self.sockets:
+            sock.close()
 
 
 def test_a_renewal_stalled_on_a_dead_connection_is_retried_before_the_fence(etcd_server):
