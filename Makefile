@@ -10,8 +10,8 @@ setup:
 test: setup
 	$(PY) -m pytest -m "not gpu and not multigpu" $(PYTEST_ARGS)
 
-# on the GPU machine (its own torch; no venv): `source .gpu-bundle/setup.sh` first, which
-# brings the Mooncake CUDA build, etcd and etcd3gw (see ../shared/gpu/make-bundle)
+# on a GPU machine (its own torch; no venv): the packages of requirements/cuda13.txt first
+# (offline: `source .gpu-bundle/setup.sh`, a bundle of those pins; see README.md)
 test-gpu:
 	PYTHONPATH=.:$$PYTHONPATH python3 -m pytest -m "gpu or multigpu" $(PYTEST_ARGS)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +23,7 @@ from eep.transfer.arena import ALIGN, Arena, ArenaLayout, dtype_name
 from eep.transfer.checkpoint import Checkpoint
 from eep.transfer.checksum import checksums
 from eep.transfer.config import TransferConfig
-from eep.transfer.executor import Puller
+from eep.transfer.executor import OnPlan, Puller
 from eep.transfer.manifest import ManifestStore, build_manifest
 
 
@@ -54,6 +54,7 @@ class PullStats:
     seconds: float
     from_peers: dict[str, int]
     from_disk: int
+    failed: dict[str, str] = field(default_factory=dict)  # holders that failed mid-pull: why
 
     @property
     def gbps(self) -> float:
@@ -95,17 +96,23 @@ class ExpertArena:
         checkpoint_path: str,
         exclude: tuple[str, ...] = (),
         peers: bool = True,
+        on_plan: OnPlan | None = None,
     ) -> PullStats:
         """Every local expert from live holders (several at once, verified), the rest from
-        the checkpoint; ``peers=False``: all from the checkpoint."""
+        the checkpoint; ``peers=False``: all from the checkpoint. ``on_plan``: see
+        :meth:`eep.transfer.executor.Puller.pull`."""
         manifests = [m for m in store.live() if m.holder not in exclude] if peers else []
         started = time.monotonic()
         report = Puller(transport, self.arena, config).pull(
-            manifests, checkpoint=Checkpoint(checkpoint_path)
+            manifests, checkpoint=Checkpoint(checkpoint_path), on_plan=on_plan
         )
         disk = sum(self.arena.layout[n].nbytes for n in report.from_disk)
         return PullStats(
-            report.nbytes, time.monotonic() - started, dict(report.bytes_by_holder), disk
+            report.nbytes,
+            time.monotonic() - started,
+            dict(report.bytes_by_holder),
+            disk,
+            dict(report.failed_holders),
         )
 
     def publish(

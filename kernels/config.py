@@ -1,7 +1,7 @@
 """The one configuration of the EP kernels: sizes fixed when the fabric buffers are allocated.
 
-Glossary (DESIGN.md section 3): a **slot** is an EP position (one GPU, one rank of the fabric);
-a **logical expert** ``e`` is in ``[0, num_experts)``; a **physical expert** ``p`` is one
+Glossary (docs/design.md, section 3): a **slot** is an EP position (one GPU, one rank of the
+fabric); a **logical expert** ``e`` is in ``[0, num_experts)``; a **physical expert** ``p`` is one
 replica of a logical expert and lives on slot ``p // experts_per_slot`` as **local expert**
 ``p % experts_per_slot``. The view reaches the kernels only as int32 device tensors
 (``rank_mask``, ``log2phy``, ``replica_count``, ``epoch``), updated in place.

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU benchmarks of docs/benchmarks.md in one call on the lent 4-GPU machine (run from the
-# project root, with the offline bundle carried: ../shared/gpu/make-bundle .gpu-bundle):
+# project root, with requirements/cuda13.txt installed or its offline bundle carried as .gpu-bundle):
 #
 #   bash scripts/gpu-benchmarks.sh [serve] [serve-eager] [recovery] [recovery2]
 #                                   (serve and recovery when none is named)
@@ -13,7 +13,8 @@
 # recovery: the same shapes with RECOVERY_LAYERS layers (default 16) in fp32, so greedy outputs
 #           can be compared token for token with the single-process reference on one GPU;
 #           `eep bench recovery` (elastic, then the full-restart baseline; RECOVERY_MODES=elastic
-#           for the elastic run only).
+#           for the elastic run only) in its capacity mode: the capacity measured first, then an
+#           open-loop load at 0.9 of it (4 slots); RECOVERY_REPEAT (default 1) runs per mode.
 # recovery2: the same with two slots killed 1 s apart (within one TTL).
 # SLOTS (default 4) sets the EP width of every job: 8 on an 8-GPU machine.
 # Results go to $OUT (default ./gpu-out): JSON, PNG, and the clusters' logs as one tarball.
@@ -59,16 +60,17 @@ recovery() {  # $1: name, then extra arguments of the bench
     step "bench recovery ($name)"
     rm -rf /tmp/eep-recovery-logs
     cli bench recovery --device cuda --model "$R" --dtype float32 --slots "$SLOTS" \
-        --modes "${RECOVERY_MODES:-elastic,baseline}" "$@" \
+        --modes "${RECOVERY_MODES:-elastic,baseline}" --repeat "${RECOVERY_REPEAT:-1}" "$@" \
         --log-dir /tmp/eep-recovery-logs --out "$OUT/$name.json" --plot "$OUT/$name.png" 2>&1 |
-        grep -v '^\[rank' | tail -50
+        grep -v '^\[rank' | tail -90
     # the logs, trimmed, in one file (the device tool returns a limited number of files)
     rm -rf /tmp/eep-logs && mkdir -p /tmp/eep-logs
-    for mode in elastic baseline; do
-        [ -d "/tmp/eep-recovery-logs/$mode" ] || continue
-        mkdir -p "/tmp/eep-logs/$mode"
-        for f in /tmp/eep-recovery-logs/"$mode"/*.log /tmp/eep-recovery-logs/"$mode"/*.jsonl; do
-            [ -f "$f" ] && tail -c 200000 "$f" >"/tmp/eep-logs/$mode/$(basename "$f")"
+    for run in /tmp/eep-recovery-logs/*/run*; do  # <mode>/run<i>
+        [ -d "$run" ] || continue
+        dst="/tmp/eep-logs/${run#/tmp/eep-recovery-logs/}"
+        mkdir -p "$dst"
+        for f in "$run"/*.log "$run"/*.jsonl; do
+            [ -f "$f" ] && tail -c 200000 "$f" >"$dst/$(basename "$f")"
         done
     done
     tar czf "$OUT/$name-logs.tgz" -C /tmp/eep-logs .

@@ -30,6 +30,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "transfer": ("bench_transfer", "GB/s of a recovery-sized weight pull from 1-3 sources"),
     "recovery": ("bench_recovery", "a rank killed under load: per-phase timeline vs full restart"),
     "serve": ("bench_serve", "decode tokens/s: elastic fabric vs checks off vs the NCCL baseline"),
+    "chaos": ("bench_chaos", "fault matrix: named fault cases x repeats, every invariant checked"),
 }
 
 

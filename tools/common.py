@@ -83,14 +83,16 @@ def load_callable(spec: str):
 
 
 def scrape_metrics(url: str, timeout_s: float = 30.0) -> dict[str, float]:
-    """The front-end's ``/metrics`` (Prometheus text) as ``{name: value}``."""
+    """The front-end's ``/metrics`` as ``{sample: value}``, parsed by ``prometheus_client``;
+    a labelled sample is keyed ``name{label="value"}``."""
     import requests
+    from prometheus_client.parser import text_string_to_metric_families
 
     resp = requests.get(f"{url}/metrics", timeout=timeout_s)
     resp.raise_for_status()
     out = {}
-    for line in resp.text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.partition(" ")
-            out[name] = float(value)
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out

@@ -1,23 +1,24 @@
 """``eep demo``: the README's main job.
 
 An embedded etcd, a coordinator, the front-end and four CPU ranks (each under its own
-torchrun agent) serve a tiny random Qwen3-MoE. A load of streamed requests runs; one rank's
-worker is SIGKILLed mid-decode; its supervisor revokes the lease, the survivors move to the
-next view, the dead rank's requests are re-queued, the supervisor restarts the worker and the
-view takes it back. The timeline and the invariants are printed: requests lost, outputs equal
-to a fault-free single-process run, tokens duplicated or skipped.
+torchrun agent) serve a tiny random Qwen3-MoE. Streamed requests are held continuously (the
+project's one load generator, closed loop). Once requests stream on the chosen slot, its
+worker is SIGKILLed; its supervisor revokes the lease, the survivors move to the next view,
+the dead rank's requests are re-queued, the supervisor restarts the worker, the view takes it
+back and in-flight requests move onto it with their KV. The load runs on past the rejoin.
+
+The OK line needs every one of: requests in flight on the killed slot at the kill, at least
+one re-queued and one migrated, no request lost, every output equal to a fault-free
+single-process run, no token duplicated; it prints the worst single stream's stall.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 from .common import scrape_metrics
 
@@ -25,8 +26,16 @@ from .common import scrape_metrics
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=4, help="ranks to start (default 4)")
     parser.add_argument("--kill", type=int, default=2, help="the slot to kill (default 2)")
-    parser.add_argument("--requests", type=int, default=12, help="concurrent requests (12)")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
+    parser.add_argument(
+        "--streams", type=int, default=12, help="requests held continuously (default 12)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (64)")
+    parser.add_argument(
+        "--tail-tokens",
+        type=int,
+        default=400,
+        help="tokens streamed after the rejoin before the load drains (default 400)",
+    )
     parser.add_argument("--no-torchrun", action="store_true", help="start supervisors directly")
     parser.add_argument("--log-dir", default=None, help="keep the processes' logs here")
 
@@ -36,29 +45,17 @@ class _Timeline:
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
 
-    def mark(self, text: str) -> float:
-        now = time.monotonic() - self.t0
+    def mark(self, text: str, at: float | None = None) -> float:
+        now = (at if at is not None else time.monotonic()) - self.t0
         with self.lock:
             print(f"[{now:7.3f} s] {text}", flush=True)
         return now
 
 
-def _stream(url: str, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
-    import requests
-
-    tokens, times = [], []
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
-    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=300) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if line.startswith(b"data: {"):
-                tokens.append(json.loads(line[6:])["choices"][0]["token_ids"][0])
-                times.append(time.monotonic())
-    return tokens, times
+PROMPTS = 16
 
 
 def run(args: argparse.Namespace) -> int:
-
     from eep.config import RuntimeConfig
     from eep.engine.reference import single_process_outputs
     from eep.engine.sampling import SamplingParams
@@ -66,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from eep.model.config import ModelConfig
 
     from .launch import tiny_model
+    from .loadgen import prompts_for
 
-    if not 0 <= args.kill < args.slots:
-        raise SystemExit(f"--kill {args.kill} must name one of the {args.slots} slots")
+    if not 0 <= args.kill < args.slots or args.slots < 2:
+        raise SystemExit(f"--kill {args.kill} must name one of the --slots {args.slots} (>= 2)")
+    if args.streams < args.slots or args.max_tokens < 8 or args.tail_tokens < 1:
+        raise SystemExit("--streams must be >= --slots, --max-tokens >= 8, --tail-tokens >= 1")
     tl = _Timeline()
     model_path = os.path.abspath(tiny_model())
     num_experts = ModelConfig.from_dir(model_path).num_experts
@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         dtype="float64",
         ttl_s=3,
     )
-    prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(3 + i % 6)] for i in range(args.requests)]
-    tl.mark(f"computing the fault-free reference of {args.requests} requests (one process)")
+    prompts = prompts_for(PROMPTS)
+    tl.mark(f"computing the fault-free reference of {PROMPTS} prompts (one process)")
     expected = single_process_outputs(
         model_path, prompts, [SamplingParams(max_tokens=args.max_tokens)] * len(prompts)
     )
@@ -103,46 +103,94 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _drive(cluster, args, tl: _Timeline, prompts, expected) -> int:
+    from . import faults
+    from .loadgen import Load, LoadSpec
+
     epoch0 = cluster.watcher.latest.epoch
     tl.mark(
         f"serving at {cluster.url}: view {epoch0} members {list(cluster.watcher.latest.members)}"
     )
-    views = []
-    cluster.watcher.on_view = lambda v: views.append(
-        (tl.mark(f"view {v.epoch} committed: members {list(v.members)} ({v.reason})"), v)
+    cluster.watcher.on_view = lambda v: tl.mark(
+        f"view {v.epoch} committed: members {list(v.members)} ({v.reason})"
     )
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(_stream, cluster.url, p, args.max_tokens) for p in prompts]
-        tl.mark(f"load: {len(prompts)} streamed requests of {args.max_tokens} tokens")
-        time.sleep(1.0)
-        pid = cluster.wait_worker_pid(args.kill)
-        os.kill(pid, signal.SIGKILL)
-        kill_at = tl.mark(f"slot {args.kill}: worker pid {pid} SIGKILLed mid-decode")
-        results = [f.result() for f in futures]
-    tl.mark("every request finished")
-    back = cluster.watcher.wait_for(
-        lambda v: v.epoch > epoch0 and len(v.members) == args.slots, timeout_s=120
-    )
-    tl.mark(f"slot {args.kill} is back: incarnation {back.incarnation(args.kill) if back else '?'}")
-    equal = sum(tokens == expected[i] for i, (tokens, _) in enumerate(results))
-    lost = sum(len(tokens) != args.max_tokens for tokens, _ in results)
-    gaps = [b - a for _, times in results for a, b in zip(times, times[1:], strict=False)]
-    removed = [t for t, v in views if args.kill not in v.members]
-    print("\ntimeline (seconds after the kill)")
-    if removed:
-        print(f"  view without slot {args.kill} committed: {removed[0] - kill_at:7.3f}")
-    readded = [t for t, v in views if args.kill in v.members and t > kill_at]
-    if readded:
-        print(f"  restarted slot {args.kill} back in the view: {readded[0] - kill_at:7.3f}")
-    print(f"  longest gap between two tokens of one stream: {max(gaps):.3f} s")
-    print("\ninvariants")
-    print(f"  requests lost:                          {lost}")
-    print(f"  outputs equal to the fault-free run:    {equal}/{len(results)}")
+    spec = LoadSpec(max_tokens=args.max_tokens, streams=args.streams)
+    load = Load(cluster.url, prompts, spec).start()
+    tl.mark(f"load: {spec.describe()}")
+    try:
+        # a steady state first: every stream has streamed a few tokens
+        if not load.wait_tokens(4 * args.streams, timeout_s=300):
+            raise faults.FaultMissed("the load streamed nothing for 300 s; read the logs")
+        fault = faults.inject(cluster, args.kill, min_emitting=2)
+        tl.mark(
+            f"slot {args.kill}: worker pid {fault.pid} SIGKILLed with {fault.in_flight} requests "
+            f"in flight on it ({fault.emitting} streaming)",
+            fault.at,
+        )
+        faults.wait_excluded(cluster, fault)
+        n = faults.wait_requeued(cluster.url, fault)
+        tl.mark(f"front-end re-queued {n} requests off slot {args.kill} onto the survivors")
+        back = faults.wait_rejoined(cluster, fault)
+        tl.mark(f"slot {args.kill} is back: incarnation {back.incarnation(args.kill)}")
+        n = faults.wait_migrated(cluster.url, fault)
+        tl.mark(f"{n} in-flight requests moved onto slot {args.kill} with their KV")
+        streamed = sum(len(s.times) for s in load.snapshot())
+        load.wait_tokens(streamed + args.tail_tokens, timeout_s=300)
+        tl.mark(f"{args.tail_tokens} more tokens streamed after the rejoin; draining the load")
+    except faults.FaultMissed as exc:
+        load.stop(timeout_s=300)
+        print(f"\nFAILED: the fault did not land on live load: {exc}")
+        return 1
+    stuck = load.stop(timeout_s=300)
+    tl.mark("every request finished" if not stuck else f"{stuck} requests never finished")
+    return _report(cluster, args, fault, load, expected, stuck)
+
+
+def _report(cluster, args, fault, load, expected, stuck: int) -> int:
+    from . import faults
+
+    streams = load.snapshot()
+    done = [s for s in streams if s.error is None and len(s.tokens) == args.max_tokens]
+    equal = sum(s.tokens == expected[s.prompt_idx] for s in done)
+    lost = len(streams) - len(done)
+    crossing = [s for s in streams if s.started < fault.at and (s.ended or 0) > fault.at]
+    stalls = [(g[1] - g[0], s) for s in crossing if (g := s.longest_gap())]
+    worst, worst_stream = max(stalls, key=lambda x: x[0]) if stalls else (0.0, None)
+    try:
+        faults.prove(fault, load, cluster.url, migration=True)
+        landed = True
+    except faults.FaultMissed as exc:
+        print(f"\nthe fault did not land: {exc}")
+        landed = False
     metrics = scrape_metrics(cluster.url)
     dup = metrics.get("eep_duplicate_tokens_total", float("nan"))
+    print("\ntimeline (seconds after the kill)")
+    print(f"  view without slot {args.kill} committed:   {fault.excluded_at - fault.at:7.3f}")
+    print(f"  restarted slot {args.kill} back in the view: {fault.rejoined_at - fault.at:7.3f}")
+    print("\nthe fault landed on live load")
+    print(f"  requests in flight on slot {args.kill} at the kill: {fault.in_flight}")
+    print(f"  requests re-queued off it:                {fault.requeued}")
+    print(f"  requests migrated onto it after its rejoin: {fault.migrated}")
+    print(f"  tokens delivered from the kill to the rejoin: {fault.tokens_during}")
+    print("\ninvariants")
+    print(f"  requests:                               {len(streams)}")
+    print(f"  requests lost:                          {lost}")
+    print(f"  outputs equal to the fault-free run:    {equal}/{len(streams)}")
     print(f"  tokens duplicated or out of order:      {dup:.0f}")
-    requeued = metrics.get("eep_requeued_total", float("nan"))
-    print(f"  requests re-queued off the dead slot:   {requeued:.0f}")
-    ok = lost == 0 and equal == len(results) and dup == 0 and back is not None
-    print(f"\n{'OK' if ok else 'FAILED'}: logs in {cluster.workdir}")
+    where = f" (request {worst_stream.request_id})" if worst_stream else ""
+    print(f"  worst single stream's stall:            {worst:.3f} s{where}")
+    ok = (
+        landed
+        and stuck == 0
+        and lost == 0
+        and equal == len(streams)
+        and dup == 0
+        and fault.in_flight >= 1
+    )
+    figures = (
+        f"{fault.in_flight} in flight on slot {args.kill} at the kill, {fault.requeued} "
+        f"re-queued, {fault.migrated} migrated, worst stream stall {worst:.2f} s, "
+        f"{equal}/{len(streams)} outputs equal to the fault-free run, {lost} lost, "
+        f"{dup:.0f} duplicated"
+    )
+    print(f"\n{'OK' if ok else 'FAILED'}: {figures}; logs in {cluster.workdir}")
     return 0 if ok else 1

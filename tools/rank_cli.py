@@ -13,6 +13,7 @@ from .common import add_etcd_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
+    agent = os.getppid()  # first: the supervisor stops with the agent that started it
     parser = argparse.ArgumentParser(
         prog="python -m eep.rank",
         description="Supervise one slot: hold its etcd lease, run its worker, restart it. "
@@ -52,5 +53,6 @@ def main(argv: list[str] | None = None) -> int:
             baseline=args.baseline,
             group_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if args.baseline else 0,
             group_round=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-        )
+        ),
+        stop_with_parent=agent if "TORCHELASTIC_RUN_ID" in os.environ else 0,
     )

@@ -1,4 +1,4 @@
-"""Peer-to-peer transfer of expert weights and KV blocks between ranks (DESIGN.md section 7).
+"""Peer-to-peer transfer of expert weights and KV blocks between ranks (docs/design.md, section 8).
 
 Glossary: an **arena** is one large registered region holding many tensors (a rank's expert
 weights, or its KV blocks); a **manifest** (etcd ``manifests/<slot>``) says where each tensor

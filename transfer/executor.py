@@ -33,6 +33,7 @@ from .planner import DiskOp, ReadOp, TransferPlan, plan_pull
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+OnPlan = Callable[[TransferPlan], None]
 
 
 @dataclass
@@ -107,11 +108,14 @@ class Puller:
         names: Sequence[str] | None = None,
         checkpoint: Checkpoint | None = None,
         exclude_holders: Sequence[str] = (),
+        on_plan: OnPlan | None = None,
     ) -> PullReport:
-        """Fill ``names`` (default: the whole layout) of the arena, verified."""
+        """Fill ``names`` (default: the whole layout) of the arena, verified. ``on_plan`` is
+        called once with the first plan, before any read is submitted (what the worker
+        reports as the pull's sources; a fault test may hold the pull open there)."""
         specs = [self.arena.layout[n] for n in names] if names else list(self.arena.layout.specs)
         run = _Run(self, list(manifests), specs, checkpoint, set(exclude_holders))
-        return run.go()
+        return run.go(on_plan)
 
 
 class _Run:
@@ -150,7 +154,7 @@ class _Run:
 
     # --- planning --------------------------------------------------------------------------
 
-    def _plan(self, names: Sequence[str]) -> None:
+    def _plan(self, names: Sequence[str]) -> TransferPlan:
         try:
             plan = plan_pull(
                 [self.specs[n] for n in names],
@@ -165,6 +169,7 @@ class _Run:
             reasons = "; ".join(f"{h}: {r}" for h, r in self.report.failed_holders.items())
             raise NoSource(exc.names, f"{exc} Failures: {reasons or 'none'}") from exc
         self._enqueue(plan)
+        return plan
 
     def _enqueue(self, plan: TransferPlan) -> None:
         step = self.cfg.chunk_nbytes
@@ -187,12 +192,14 @@ class _Run:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def go(self) -> PullReport:
+    def go(self, on_plan: OnPlan | None = None) -> PullReport:
         t0 = time.monotonic()
         deadline = t0 + self.cfg.pull_timeout_s
         with ThreadPoolExecutor(self.cfg.verify_workers, thread_name_prefix="eep-verify") as pool:
             self.pool = pool
-            self._plan(list(self.specs))
+            plan = self._plan(list(self.specs))
+            if on_plan is not None:
+                on_plan(plan)
             idle = 0
             while len(self.done) < len(self.specs):
                 if time.monotonic() > deadline:

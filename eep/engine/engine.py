@@ -39,6 +39,7 @@ class Engine:
         moe: MoEExecutor | None = None,
         kv_buffer: torch.Tensor | None = None,
         decode_graphs: bool = False,
+        max_seqs: int = 256,
     ):
         """``decode_graphs``: run decode steps on static, padded buffers and, on a GPU with
         a graph-safe MoE executor, replay them from CUDA graphs (``decode_graph``)."""
@@ -50,7 +51,7 @@ class Engine:
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv_blocks, block_size
         )
         self.kv = KVCache(kv_cfg, dtype, device, kv_buffer)
-        self.scheduler = Scheduler(self.kv, max_tokens_per_step)
+        self.scheduler = Scheduler(self.kv, max_tokens_per_step, max_seqs)
         self.moe: MoEExecutor = moe or LocalMoE()
         self.steps = 0
         self.decode: DecodeRunner | None = DecodeRunner(self) if decode_graphs else None

@@ -18,6 +18,8 @@ import time
 import uuid
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from eep.config import RuntimeConfig
 from eep.engine.sampling import SamplingParams
@@ -60,9 +62,19 @@ class Frontend:
         self.view: View | None = None
         self.requeued = 0
         self.migrated = 0
+        # per slot, for fault tooling: requests re-queued off it, and moved onto it with their
+        # KV (a rejoined slot takes in-flight load)
+        self.requeued_from: dict[int, int] = {}
+        self.migrated_to: dict[int, int] = {}
+        # tokens accepted from a (slot, incarnation) that the current view excludes: an
+        # invariant (it must stay 0), counted so a chaos run can check it
+        self.stale_accepted = 0
+        self.tokens_from: dict[int, int] = {}  # tokens accepted from each slot
         self.joined: set[int] = set()  # slots that (re)joined and may take load
         self.lenders: dict[str, int] = {}  # request id -> slot lending its KV blocks
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     # --- ranks -----------------------------------------------------------------------------
 
@@ -78,8 +90,11 @@ class Frontend:
             while True:
                 msg = await read_frame(reader)
                 if msg["type"] == "tokens":
+                    excluded = self.view is None or self.view.incarnation(slot) != incarnation
                     for request_id, index, token, finish in msg["events"]:
-                        self.log.accept(request_id, index, token, finish, (slot, incarnation))
+                        ok = self.log.accept(request_id, index, token, finish, (slot, incarnation))
+                        self.stale_accepted += ok and excluded
+                        self.tokens_from[slot] = self.tokens_from.get(slot, 0) + ok
                 elif msg["type"] == "migrate_ready":
                     self.on_migrate_ready(slot, msg)
                 elif msg["type"] == "migrated":
@@ -113,6 +128,7 @@ class Frontend:
                     rec.slot,
                     len(rec.emitted),
                 )
+                self.requeued_from[rec.slot] = self.requeued_from.get(rec.slot, 0) + 1
                 rec.slot, rec.state, rec.migrating = None, RequestState.QUEUED, False
                 rec.requeues += 1
                 self.requeued += 1
@@ -178,6 +194,7 @@ class Frontend:
         self.send_to(rec, target, kv)
         if kv is not None:
             self.migrated += 1
+            self.migrated_to[target] = self.migrated_to.get(target, 0) + 1
             self.lenders[rec.request_id] = sender
 
     def send_to(self, rec: Record, slot: int, kv: dict | None = None) -> None:
@@ -319,21 +336,71 @@ class Frontend:
         return web.json_response(body, status=200 if live else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        lines = []
-        for name, kind, value, text in [
-            ("eep_requests_total", "counter", len(self.log.records), "requests accepted"),
-            ("eep_requests_completed_total", "counter", self.log.completed, "requests done"),
-            ("eep_requests_in_flight", "gauge", len(self.log.in_flight()), "not finished"),
-            ("eep_tokens_total", "counter", self.log.tokens, "tokens streamed"),
-            ("eep_requeued_total", "counter", self.requeued, "requests moved off a dead slot"),
-            ("eep_duplicate_tokens_total", "counter", self.log.duplicates, "tokens dropped"),
-            ("eep_stale_tokens_total", "counter", self.log.stale, "from a rank taken off"),
-            ("eep_migrated_total", "counter", self.migrated, "requests moved with their KV"),
-            ("eep_view_epoch", "gauge", self.view.epoch if self.view else 0, "committed epoch"),
-            ("eep_live_slots", "gauge", len(self.live_slots()), "slots serving"),
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def collect(self):
+        """Prometheus metrics, read from the front-end's state at each scrape (the
+        ``prometheus_client`` collector protocol)."""
+        for name, value, text in [
+            ("eep_requests", len(self.log.records), "requests accepted"),
+            ("eep_requests_completed", self.log.completed, "requests finished"),
+            ("eep_tokens", self.log.tokens, "tokens streamed"),
+            ("eep_requeued", self.requeued, "requests moved off a dead slot"),
+            ("eep_duplicate_tokens", self.log.duplicates, "tokens dropped as duplicates"),
+            ("eep_stale_tokens", self.log.stale, "tokens dropped: from a rank taken off"),
+            ("eep_stale_accepted", self.stale_accepted, "tokens accepted from excluded ranks"),
+            ("eep_migrated", self.migrated, "requests moved with their KV"),
         ]:
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+            yield CounterMetricFamily(name, text, value=value)
+        for name, value, text in [
+            ("eep_requests_in_flight", len(self.log.in_flight()), "requests not finished"),
+            ("eep_view_epoch", self.view.epoch if self.view else 0, "committed epoch"),
+            ("eep_live_slots", len(self.live_slots()), "slots serving"),
+        ]:
+            yield GaugeMetricFamily(name, text, value=value)
+        state = self.slots_state()["slots"]
+        per_slot = [
+            ("eep_slot_requests_in_flight", "in_flight", GaugeMetricFamily, "requests on it"),
+            ("eep_slot_requeued", "requeued_from", CounterMetricFamily, "re-queued off it"),
+            ("eep_slot_migrated", "migrated_to", CounterMetricFamily, "moved onto it with KV"),
+            ("eep_slot_tokens", "tokens", CounterMetricFamily, "tokens it served"),
+        ]
+        for name, key, family, text in per_slot:
+            metric = family(name, f"per slot: {text}", labels=["slot"])
+            for slot, entry in state.items():
+                metric.add_metric([slot], entry[key])
+            yield metric
+
+    def slots_state(self) -> dict:
+        """Per slot: requests in flight on it (and how many of those already streamed a
+        token), re-queued off it, migrated onto it and tokens served by it since start. What
+        fault tooling reads to inject a fault only into live load, and to prove afterwards
+        that it landed."""
+        slots: dict[int, dict] = {
+            s: {"in_flight": 0, "emitting": 0, "requeued_from": 0, "migrated_to": 0}
+            for s in range(self.cfg.num_slots)
+        }
+        for rec in self.log.in_flight():
+            if rec.slot in slots and rec.state is RequestState.RUNNING:
+                slots[rec.slot]["in_flight"] += 1
+                slots[rec.slot]["emitting"] += bool(rec.emitted)
+        for s, entry in slots.items():
+            entry["requeued_from"] = self.requeued_from.get(s, 0)
+            entry["migrated_to"] = self.migrated_to.get(s, 0)
+            entry["tokens"] = self.tokens_from.get(s, 0)
+            entry["live"] = s in self.live_slots()
+            entry["incarnation"] = self.view.incarnation(s) if self.view else None
+        return {
+            "epoch": self.view.epoch if self.view else 0,
+            "requeued": self.requeued,
+            "migrated": self.migrated,
+            "stale_accepted": self.stale_accepted,
+            "slots": {str(s): v for s, v in slots.items()},
+        }
+
+    async def debug_slots(self, request: web.Request) -> web.Response:
+        return web.json_response(self.slots_state())
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 << 20)
@@ -341,6 +408,7 @@ class Frontend:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/debug/slots", self.debug_slots)
         return app
 
 

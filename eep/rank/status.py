@@ -10,7 +10,8 @@
 - ``resync_epoch`` int64, written by the worker: it suspects a peer that no view removed and
   asks (through the supervisor's slot record) for a view newer than this epoch;
 - ``lease_id`` int64, written by the supervisor: the worker binds its manifest to it.
-Single 8-byte aligned words: a reader never sees half a value.
+Single 8-byte aligned words, each written and read with one 8-byte copy: a reader never
+sees half a value (nor the zeros ``struct.pack_into`` writes first).
 """
 
 from __future__ import annotations
@@ -54,11 +55,16 @@ class StatusBlock:
 
     def get(self, name: str):
         offset, fmt = _FIELDS[name]
-        return struct.unpack_from(fmt, self._mm, offset)[0]
+        # one 8-byte copy out of the shared page, then decode: decoding in place reads the
+        # word byte by byte and can mix two writes
+        return struct.unpack(fmt, self._mm[offset : offset + 8])[0]
 
     def set(self, name: str, value) -> None:
         offset, fmt = _FIELDS[name]
-        struct.pack_into(fmt, self._mm, offset, value)
+        # encode first, then one 8-byte copy into the page. ``struct.pack_into`` zeroes its
+        # destination before it writes the value, so a reader could see 0 in between: a
+        # fence deadline of 0 fenced healthy workers (seen at start-up and under load)
+        self._mm[offset : offset + 8] = struct.pack(fmt, value)
 
     def reset(self, incarnation: int) -> None:
         for name in ("progress", "state", "epoch", "resync_epoch"):

@@ -17,6 +17,7 @@ local slot tears down all of them and restarts them together.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -193,6 +194,7 @@ class Supervisor:
         ready, resync_sent = False, 0
         barrier_deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not self.stop.is_set():
+            turn = time.monotonic()
             code = self.worker.poll()
             if code is not None:
                 self.events.emit("worker_exited", slot=self.cfg.slot, code=code)
@@ -212,6 +214,13 @@ class Supervisor:
             if resync > resync_sent:
                 reg.update(resync_epoch=resync)
                 resync_sent = resync
+            if time.monotonic() - turn > 0.5:
+                # the fence deadline the worker reads was not refreshed meanwhile
+                log.warning(
+                    "slot %d: one supervision turn took %.2f s",
+                    self.cfg.slot,
+                    time.monotonic() - turn,
+                )
         return "stopped"
 
     def _group_ready(self, session: Session, deadline: float) -> bool:
@@ -239,7 +248,23 @@ class Supervisor:
         self.worker = None
 
 
-def main(cfg: SupervisorConfig) -> int:
+def _stop_with_parent(parent: int) -> None:
+    """Under torchrun: a supervisor whose agent died is told to stop (SIGTERM), so it ends its
+    worker and revokes the lease, as a pod's processes go with its main one; whatever restarts
+    the agent starts a fresh supervisor. Without this it would serve on, unsupervised, and the
+    restarted agent's supervisor would wait for a slot that is never freed. ``parent``: the
+    agent's pid as read at the process's start; if it is no longer the parent when the signal
+    is armed, the agent already died."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if parent == 1 or os.getppid() != parent:  # the agent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(cfg: SupervisorConfig, stop_with_parent: int = 0) -> int:
+    """``stop_with_parent``: the pid of the torchrun agent to stop with (0: none)."""
     sup = Supervisor(cfg)
 
     def _stop(signum, frame):
@@ -247,6 +272,8 @@ def main(cfg: SupervisorConfig) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if stop_with_parent:
+        _stop_with_parent(stop_with_parent)
     try:
         return sup.run()
     finally:

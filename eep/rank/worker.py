@@ -50,6 +50,7 @@ from eep.transfer.engine import start_transport
 from eep.transfer.errors import TransferError
 from eep.transfer.kv import block_checksums, pull_kv_blocks
 from eep.transfer.manifest import ManifestStore
+from eep.transfer.planner import TransferPlan
 from eep.view_state import ViewState
 from eep.wire import encode, recv_frame
 
@@ -175,7 +176,7 @@ class Worker:
         )
         self.kv_arena.register(self.transport)
         self.detached: dict[str, BlockTable] = {}  # KV blocks lent to a migration
-        model = self.load_model(local)
+        model = self.load_model(local, first=True)
         self.view_state = ViewState(
             cfg.num_slots, eps, model_cfg.num_experts, placement.max_replicas, device
         )
@@ -210,6 +211,7 @@ class Worker:
             moe=FabricMoE(self.fabric, self.view_state),
             kv_buffer=self.kv_arena.buffer,
             decode_graphs=cfg.cuda_graphs,
+            max_seqs=cfg.max_num_seqs,
         )
         if engine.decode is not None:
             log.info(
@@ -286,8 +288,13 @@ class Worker:
 
     def heartbeat(self) -> None:
         self.status.bump()
-        if time.monotonic() >= self.status.get("fence_deadline"):
-            log.error("%s: past the fence deadline; exiting without another token", self._ctx())
+        deadline = self.status.get("fence_deadline")
+        if time.monotonic() >= deadline:
+            log.error(
+                "%s: past the fence deadline (%.3f s ago); exiting without another token",
+                self._ctx(),
+                time.monotonic() - deadline,
+            )
             os._exit(EXIT_FENCED)
 
     def apply(self, view: View) -> None:
@@ -322,10 +329,12 @@ class Worker:
         )
         log.info("%s: serving view %d members %s", self._ctx(), view.epoch, list(view.members))
 
-    def load_model(self, local: tuple[int, ...]):
+    def load_model(self, local: tuple[int, ...], first: bool = False):
         """The model with experts ``local``: the dense weights from the checkpoint, the
         experts pulled from live holders (verified; the checkpoint for what none holds),
-        then this slot's own manifest published under its lease."""
+        then this slot's own manifest published under its lease. ``first``: this
+        incarnation's start-up pull, the only one ``pull_hold_s`` holds open (a pull on a
+        new view runs inside a step boundary, where a hold would stall every peer)."""
         cfg = self.cfg
         model = load_model(
             cfg.model_path, local, device=self.device, dtype=cfg.torch_dtype, experts=False
@@ -338,6 +347,7 @@ class Worker:
             cfg.model_path,
             exclude=(str(self.slot),),
             peers=not self.baseline,
+            on_plan=lambda plan: self._pull_planned(plan, hold=first),
         )
         arena.publish(
             self.transport,
@@ -349,6 +359,12 @@ class Worker:
             self.status.get("lease_id"),
             extra=(self.kv_arena,),
         )
+        if not first:
+            # the manifest now names the new arena; the old one's memory is freed with the old
+            # model, and a registration left on it makes the transfer engine refuse a later
+            # arena allocated over it ("overlapped memory region": the worker died after a
+            # few re-placements) and would serve a peer's stale read from freed memory
+            self.expert_arena.arena.unregister()
         self.expert_arena = arena
         self.events.emit(
             "weights_loaded",
@@ -358,6 +374,7 @@ class Worker:
             gbps=stats.gbps,
             sources=stats.from_peers,
             from_disk=stats.from_disk,
+            failed_sources=stats.failed,
         )
         log.info(
             "%s: experts %s: %d B in %.2f s (%.2f GB/s) from peers %s, %d B from disk",
@@ -370,6 +387,27 @@ class Worker:
             stats.from_disk,
         )
         return model
+
+    def _pull_planned(self, plan: TransferPlan, hold: bool) -> None:
+        """The pull is planned and nothing has moved yet: say from whom (what the chaos
+        bench waits for to kill a source or this worker mid-pull), then hold it open
+        ``pull_hold_s`` if asked."""
+        holders = sorted(plan.by_holder())
+        self.events.emit(
+            "pull_started",
+            slot=self.slot,
+            incarnation=self.incarnation,
+            sources=[int(h) for h in holders if h.isdigit()],
+            holders=holders,
+            from_disk=len(plan.disk),
+        )
+        if hold and self.cfg.pull_hold_s > 0:
+            log.warning(
+                "%s: holding the pull open %.1f s (pull_hold_s: a fault-injection hook)",
+                self._ctx(),
+                self.cfg.pull_hold_s,
+            )
+            time.sleep(self.cfg.pull_hold_s)
 
     def reload_experts(self, local: tuple[int, ...]) -> None:
         """The placement gave this slot other experts: pull them (from live holders first)."""

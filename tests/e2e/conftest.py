@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -19,6 +17,10 @@ from eep.engine.sampling import SamplingParams
 from eep.launcher import Cluster, ClusterOptions
 from eep.model.config import ModelConfig
 from eep.model.random_weights import write_random_checkpoint
+from eep.tools import faults
+from eep.tools.loadgen import Load, LoadSpec, prompts_for
+
+__all__ = ["prompts_for"]  # re-exported for the e2e tests
 
 # float64 on the CPU: a rank batches other requests than the single-process reference does,
 # and in float64 those different summation orders cannot flip a greedy token.
@@ -81,38 +83,64 @@ def stream(url: str, body: dict, timeout_s: float = 120) -> list[dict]:
     return chunks
 
 
-def load_with_faults(cluster, model_dir, faults, n=12, max_tokens=28, timeout_s=180):
-    """``n`` concurrent requests; ``faults(futures, epoch_before)`` runs mid-decode. Every
-    output must equal the single-process run. Returns ``(epoch_before, what faults returned)``."""
-    prompts = prompts_for(n)
-    params = [SamplingParams(max_tokens=max_tokens) for _ in range(n)]
-    expected = reference_outputs(model_dir, prompts, params)
-    epoch_before = cluster.watcher.latest.epoch
-    with ThreadPoolExecutor(n) as pool:
-        futures = [
-            pool.submit(complete, cluster.url, {"prompt": p, "max_tokens": max_tokens}, timeout_s)
-            for p in prompts
-        ]
-        time.sleep(0.5)  # mid-decode
-        during = faults(futures, epoch_before)
-        results = [f.result() for f in futures]
-    for i, result in enumerate(results):
-        assert result["choices"][0]["token_ids"] == expected[i], f"request {i}"
-    return epoch_before, during
+_REFERENCES: dict[tuple, list[list[int]]] = {}
 
 
-def kill_slots(cluster, slots, sig=signal.SIGKILL):
-    """A ``faults`` for :func:`load_with_faults`: ``sig`` to the workers of ``slots``."""
+def reference_for(model_dir: str, n: int, max_tokens: int) -> list[list[int]]:
+    """The single-process outputs of ``prompts_for(n)``, computed once per session."""
+    key = (model_dir, n, max_tokens)
+    if key not in _REFERENCES:
+        params = [SamplingParams(max_tokens=max_tokens)] * n
+        _REFERENCES[key] = reference_outputs(model_dir, prompts_for(n), params)
+    return _REFERENCES[key]
 
-    def kill(futures, epoch_before):
-        for slot in slots:
-            os.kill(cluster.wait_worker_pid(slot), sig)
 
-    return kill
+def load_with_faults(
+    cluster, model_dir, faults, streams=12, max_tokens=28, tail_tokens=48, timeout_s=300
+):
+    """``streams`` requests held continuously (the one load generator, closed loop) while
+    ``faults(load)`` injects its faults into live load and waits for the states it expects.
+    After it returns, the load runs on until ``tail_tokens`` more tokens have streamed, then
+    drains. Every request must complete with the single-process result; nothing is lost.
+    Returns what ``faults`` returned."""
+    prompts = prompts_for(PROMPTS)
+    expected = reference_for(model_dir, PROMPTS, max_tokens)
+    load = Load(cluster.url, prompts, LoadSpec(max_tokens=max_tokens, streams=streams)).start()
+    try:
+        assert load.wait_tokens(1, timeout_s), "the load never streamed a token"
+        during = faults(load)
+        streamed = sum(len(s.times) for s in load.snapshot())
+        assert load.wait_tokens(streamed + tail_tokens, timeout_s), "no load after the faults"
+    finally:
+        stuck = load.stop(timeout_s=timeout_s)
+    assert stuck == 0, f"{stuck} requests never finished"
+    streams_ = load.snapshot()
+    errors = [s.error for s in streams_ if s.error]
+    assert not errors, f"{len(errors)} requests failed: {errors[:3]}"
+    for st in streams_:
+        want = expected[st.prompt_idx]
+        assert st.tokens == want, f"request {st.seq} ({st.request_id}) differs from the reference"
+    return during
 
 
-def prompts_for(n: int) -> list[list[int]]:
-    return [[(7 * i + 3 * j) % 500 + 1 for j in range(3 + i % 6)] for i in range(n)]
+PROMPTS = 16  # distinct prompts, cycled by the load
+
+
+def kill_and_recover(cluster, slot, sig=signal.SIGKILL, target="worker", migration=False):
+    """A ``faults`` for :func:`load_with_faults`: ``sig`` to ``slot``'s ``target`` once it
+    streams, then wait for the view without it, its re-queue, and its rejoin; the fault must
+    have landed (:func:`eep.tools.faults.prove`). Returns the :class:`Fault`."""
+
+    def run(load):
+        fault = faults.inject(cluster, slot, target, sig)
+        faults.wait_excluded(cluster, fault)
+        faults.wait_requeued(cluster.url, fault)
+        faults.wait_rejoined(cluster, fault)
+        if migration:
+            faults.wait_migrated(cluster.url, fault)
+        return faults.prove(fault, load, cluster.url, migration=migration)
+
+    return run
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import kill_slots, load_with_faults, start_cluster
+from eep.tools import faults
+
+from .conftest import load_with_faults, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +25,24 @@ def cluster(tiny_model_dir, tmp_path):
 def test_a_killed_worker_restarts_every_slot_and_loses_no_request(cluster, tiny_model_dir):
     before = cluster.watcher.latest
     assert len(before.members) == SLOTS
-    load_with_faults(cluster, tiny_model_dir, kill_slots(cluster, [2]), n=8, max_tokens=24)
-    back = cluster.watcher.wait_for(
-        lambda v: (
-            len(v.members) == SLOTS
-            and all(v.incarnation(s) > before.incarnation(s) for s in range(SLOTS))
-        ),
-        timeout_s=120,
+
+    def kill_and_restart_all(load):
+        fault = faults.inject(cluster, 2)
+        faults.wait_excluded(cluster, fault)
+        faults.wait_requeued(cluster.url, fault)
+        back = cluster.watcher.wait_for(
+            lambda v: (
+                len(v.members) == SLOTS
+                and all(v.incarnation(s) > before.incarnation(s) for s in range(SLOTS))
+            ),
+            timeout_s=180,
+        )
+        assert back is not None, "not every slot came back with a new incarnation"
+        # the full restart stops every slot: no token need flow until it is back
+        return faults.prove(fault, None, cluster.url)
+
+    fault = load_with_faults(
+        cluster, tiny_model_dir, kill_and_restart_all, streams=8, max_tokens=24
     )
-    assert back is not None, "not every slot came back with a new incarnation"
+    assert fault.requeued >= 1
     assert cluster.procs["slots"].poll() is None, "the torchrun agent gave up"

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from eep.engine.sampling import SamplingParams
+from eep.tools.common import scrape_metrics
 
 from .conftest import complete, prompts_for, reference_outputs, start_cluster, stream
 
@@ -94,5 +95,7 @@ def test_models_health_and_metrics_answer(cluster):
     assert [m["id"] for m in models["data"]] == ["eep"]
     health = requests.get(f"{cluster.url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["live_slots"] == [0, 1, 2, 3]
-    metrics = requests.get(f"{cluster.url}/metrics", timeout=30).text
-    assert "eep_view_epoch" in metrics and "eep_live_slots 4" in metrics
+    metrics = scrape_metrics(cluster.url)  # parsed by prometheus_client's own parser
+    assert metrics["eep_view_epoch"] >= 1 and metrics["eep_live_slots"] == 4
+    served = [metrics[f'eep_slot_tokens_total{{slot="{s}"}}'] for s in range(4)]
+    assert sum(served) == metrics["eep_tokens_total"]

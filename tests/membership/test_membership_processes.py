@@ -23,29 +23,29 @@ def _start_members(procs, watcher, slots, **kw):
     return members, view
 
 
-def test_a_killed_member_leaves_the_view_within_ttl_plus_1_5s(procs, watcher):
+def test_a_killed_member_leaves_the_view_when_its_lease_expires(procs, watcher):
+    # how soon is measured by `eep bench membership`; here: it leaves, in one new epoch
     procs.coordinator(ttl=TTL)
     members, view = _start_members(procs, watcher, [0, 1, 2])
     os.kill(members[1].pid, signal.SIGKILL)
-    killed = time.monotonic()
-    after = watcher.wait_for(lambda v: 1 not in v.members, timeout_s=TTL + 10)
-    elapsed = time.monotonic() - killed
+    after = watcher.wait_for(lambda v: 1 not in v.members, timeout_s=TTL + 60)
     assert after is not None and after.members == (0, 2)
     assert after.epoch == view.epoch + 1
-    assert elapsed <= TTL + 1.5, f"view without slot 1 took {elapsed:.2f} s"
 
 
-def test_revoking_a_killed_members_lease_commits_within_half_a_second(procs, watcher, etcd):
+def test_revoking_a_killed_members_lease_commits_before_it_could_expire(procs, watcher, etcd):
+    # a 60 s lease: a view without the member inside 45 s can only come from the revocation
+    long_ttl = 60
     procs.coordinator(ttl=TTL)
-    members, view = _start_members(procs, watcher, [0, 1, 2, 3])
+    members = {s: procs.member(s, ttl=long_ttl) for s in (0, 1, 2, 3)}
+    for proc in members.values():
+        read_event(proc, "ready")
+    assert watcher.wait_for(lambda v: v.members == (0, 1, 2, 3), timeout_s=60)
     members[2].kill()
-    killed = time.monotonic()
-    members[2].wait(timeout=5)  # what a supervisor sees: its child is gone
+    members[2].wait(timeout=30)  # what a supervisor sees: its child is gone
     assert revoke_slot(etcd, Keys(procs.cluster), 2)
-    after = watcher.wait_for(lambda v: 2 not in v.members, timeout_s=5)
-    elapsed = time.monotonic() - killed
+    after = watcher.wait_for(lambda v: 2 not in v.members, timeout_s=long_ttl * 3 / 4)
     assert after is not None and after.members == (0, 1, 3)
-    assert elapsed <= 0.5, f"revoke path took {elapsed:.3f} s"
 
 
 def test_a_restarted_member_rejoins_with_a_higher_incarnation(procs, watcher, etcd):
@@ -61,20 +61,19 @@ def test_a_restarted_member_rejoins_with_a_higher_incarnation(procs, watcher, et
     assert back is not None and back.incarnation(1) > first
 
 
-def test_the_standby_coordinator_takes_over_within_ttl_plus_1_5s(procs, watcher, etcd):
+def test_the_standby_coordinator_takes_over_and_commits_the_next_failure(procs, watcher, etcd):
+    # how fast it takes over is measured by `eep bench membership`, not asserted here
     leader = procs.coordinator(ttl=TTL, identity="first")
     members, view = _start_members(procs, watcher, [0, 1, 2])
-    procs.coordinator(ttl=TTL, identity="standby")
-    time.sleep(0.5)  # the standby is campaigning
+    standby = procs.coordinator(ttl=TTL, identity="standby")
+    assert standby.poll() is None
     assert etcd.get(Keys(procs.cluster).coordinator).json()["identity"] == "first"
     os.kill(leader.pid, signal.SIGKILL)
-    killed = time.monotonic()
     members[0].kill()  # a failure that only the standby can commit
-    after = watcher.wait_for(lambda v: 0 not in v.members, timeout_s=TTL + 10)
-    elapsed = time.monotonic() - killed
+    after = watcher.wait_for(lambda v: 0 not in v.members, timeout_s=TTL + 60)
     assert after is not None and after.epoch == view.epoch + 1
-    assert elapsed <= TTL + 1.5, f"standby committed after {elapsed:.2f} s"
     assert etcd.get(Keys(procs.cluster).coordinator).json()["identity"] == "standby"
+    assert standby.poll() is None
 
 
 def test_a_stopped_member_is_excluded_and_fences_itself_after_sigcont(procs, watcher, etcd):
@@ -158,10 +157,10 @@ def test_a_malformed_view_in_etcd_does_not_kill_the_coordinator(procs, etcd):
     coordinator = procs.coordinator(ttl=TTL)
     member = procs.member(0, ttl=TTL)
     read_event(member, "ready")
-    time.sleep(1.5)
+    log_path = procs.tmp_path / "coordinator-0.log"
+    assert _wait_log(log_path, "cannot build on the committed view"), log_path.read_text()
     assert coordinator.poll() is None, "the coordinator died on a malformed view"
-    log = (procs.tmp_path / "coordinator-0.log").read_text()
-    assert "cannot build on the committed view" in log and keys.view in log
+    assert keys.view in log_path.read_text()
     # the operator mends it: the coordinator carries on from there
     from eep.membership.view import View
 
@@ -174,3 +173,13 @@ def test_a_malformed_view_in_etcd_does_not_kill_the_coordinator(procs, etcd):
             break
         time.sleep(0.2)
     assert View.from_json(etcd.get(keys.view).value).epoch == 2
+
+
+def _wait_log(path, text: str, timeout_s: float = 60.0) -> bool:
+    """Until ``text`` appears in the log at ``path`` (False past ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.1)
+    return False

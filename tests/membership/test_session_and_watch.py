@@ -49,7 +49,8 @@ def test_a_held_slot_is_refused_with_the_holders_pid(etcd, cluster):
         started = time.monotonic()
         with pytest.raises(SlotTaken, match=r"held by pid \d+"):
             SlotRegistration(etcd, keys, second, slot=0).register(wait_s=0.3)
-        assert time.monotonic() - started < 2
+        # bounded by the 0.3 s asked, not the default 30 s (generous: a busy host is slow)
+        assert time.monotonic() - started < 10
 
 
 def test_a_registration_waits_for_a_revoked_predecessor(etcd, cluster):
@@ -227,7 +228,7 @@ def test_an_unreachable_etcd_is_a_clear_error_in_bounded_time():
     started = time.monotonic()
     with pytest.raises(EtcdUnavailable, match="etcdctl --endpoints"):
         Session(EtcdClient(f"127.0.0.1:{dead_port}", timeout_s=1.0)).open()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 15  # bounded, not hung (generous: a busy host)
 
 
 def test_a_silent_etcd_endpoint_times_out_instead_of_hanging():
@@ -238,7 +239,7 @@ def test_a_silent_etcd_endpoint_times_out_instead_of_hanging():
         started = time.monotonic()
         with pytest.raises(EtcdUnavailable, match="no etcd endpoint answered"):
             client.get("/eep/x/view")
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 15  # bounded, not hung (generous: a busy host)
 
 
 def test_the_coordinator_command_exits_with_a_message_when_etcd_is_down():
