@@ -128,11 +128,13 @@ def provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # untracked files count: a new module that is not committed yet is code that ran
+    changed = None if (status := git("status", "--porcelain")) is None else status.splitlines()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": (git("rev-parse", "HEAD") or "").strip() or None,
-        "dirty": None if status is None else bool(status.strip()),
+        "dirty": None if changed is None else bool(changed),
+        "dirty_paths": None if changed is None else [line[3:] for line in changed[:20]],
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
