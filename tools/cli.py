@@ -28,7 +28,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "membership": ("bench_membership", "kill-to-commit latency of the TTL and revoke paths"),
     "kernels": ("bench_kernels", "EP kernels: dispatch/combine and grouped GEMM speed"),
     "transfer": ("bench_transfer", "GB/s of a recovery-sized weight pull from 1-3 sources"),
-    "recovery": ("bench_recovery", "a rank killed under load: per-phase timeline vs full restart"),
+    "recovery": ("bench_recovery", "rank killed at capacity: served rate, stalls, vs full restart"),
     "serve": ("bench_serve", "decode tokens/s: elastic fabric vs checks off vs the NCCL baseline"),
     "chaos": ("bench_chaos", "fault matrix: named fault cases x repeats, every invariant checked"),
 }
