@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -201,7 +202,7 @@ def restart_agent(cluster, slot: int, timeout_s: float = 60.0) -> None:
     proc = cluster.procs[f"slot{slot}"]
     try:
         proc.wait(timeout=timeout_s)
-    except Exception as exc:  # noqa: BLE001 (subprocess.TimeoutExpired; reported as missed)
+    except subprocess.TimeoutExpired as exc:
         raise FaultMissed(f"slot {slot}'s agent did not exit: {exc}") from exc
     cluster.start_slot(slot)
 
