@@ -182,6 +182,13 @@ class PlacementPlan:
 # --- initial placement ------------------------------------------------------------------------
 
 
+def two_replica_experts_per_slot(num_experts: int, num_slots: int) -> int:
+    """The physical experts per slot that hold two replicas of every expert (rounded up): the
+    capacity at which one slot failure orphans nothing. The launcher's, benches' and tests'
+    default."""
+    return -(-2 * num_experts // num_slots)
+
+
 def initial_placement(
     num_experts: int,
     num_slots: int,

@@ -243,13 +243,14 @@ def _start(case: str, args, serial: int):
     from eep.config import RuntimeConfig
     from eep.launcher import Cluster, ClusterOptions
     from eep.model.config import ModelConfig
+    from eep.placement import two_replica_experts_per_slot
 
     num_experts = ModelConfig.from_dir(args.model).num_experts
     cfg = RuntimeConfig(
         cluster=f"chaos-{serial}-{uuid.uuid4().hex[:6]}",
         model_path=args.model,
         num_slots=args.slots,
-        experts_per_slot=-(-2 * num_experts // args.slots),  # two replicas of each expert
+        experts_per_slot=two_replica_experts_per_slot(num_experts, args.slots),
         dtype=DTYPE,
         ttl_s=args.ttl,
         pull_hold_s=args.pull_hold if case in PULL_CASES else 0.0,

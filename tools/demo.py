@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from eep.engine.sampling import SamplingParams
     from eep.launcher import Cluster, ClusterOptions, LaunchError
     from eep.model.config import ModelConfig
+    from eep.placement import two_replica_experts_per_slot
 
     from .launch import tiny_model
     from .loadgen import prompts_for
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         cluster=f"demo-{uuid.uuid4().hex[:6]}",
         model_path=model_path,
         num_slots=args.slots,
-        experts_per_slot=-(-2 * num_experts // args.slots),
+        experts_per_slot=two_replica_experts_per_slot(num_experts, args.slots),
         dtype="float64",
         ttl_s=3,
     )

@@ -82,6 +82,7 @@ def tiny_model() -> str:
 def runtime_config(args: argparse.Namespace, model_path: str):
     from eep.config import RuntimeConfig
     from eep.model.config import ModelConfig
+    from eep.placement import two_replica_experts_per_slot
 
     num_experts = ModelConfig.from_dir(model_path).num_experts
     gpu_default = "nccl" if getattr(args, "baseline", False) else "symm"
@@ -91,7 +92,7 @@ def runtime_config(args: argparse.Namespace, model_path: str):
             f"--fabric {fabric} does not run on --device {args.device}: "
             "shm is for CPU processes, symm for GPUs"
         )
-    eps = args.experts_per_slot or -(-2 * num_experts // args.slots)
+    eps = args.experts_per_slot or two_replica_experts_per_slot(num_experts, args.slots)
     return RuntimeConfig(
         cluster=args.cluster or f"eep-{uuid.uuid4().hex[:6]}",
         model_path=os.path.abspath(model_path),

@@ -157,13 +157,14 @@ def run_once(s: BenchSettings, mode: str, log_dir: str, prompts, expected, say) 
 def _runtime(s: BenchSettings, mode: str):
     from eep.config import RuntimeConfig
     from eep.model.config import ModelConfig
+    from eep.placement import two_replica_experts_per_slot
 
     num_experts = ModelConfig.from_dir(s.model_path).num_experts
     return RuntimeConfig(
         cluster=f"bench-{mode[:4]}-{uuid.uuid4().hex[:6]}",
         model_path=s.model_path,
         num_slots=s.num_slots,
-        experts_per_slot=-(-2 * num_experts // s.num_slots),
+        experts_per_slot=two_replica_experts_per_slot(num_experts, s.num_slots),
         device=s.device,
         dtype=s.dtype,
         ttl_s=s.ttl_s,

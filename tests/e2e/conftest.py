@@ -17,6 +17,7 @@ from eep.engine.sampling import SamplingParams
 from eep.launcher import Cluster, ClusterOptions
 from eep.model.config import ModelConfig
 from eep.model.random_weights import write_random_checkpoint
+from eep.placement import two_replica_experts_per_slot
 from eep.tools import faults
 from eep.tools.loadgen import Load, LoadSpec, prompts_for
 
@@ -46,7 +47,7 @@ def start_cluster(
         cluster=f"e2e-{uuid.uuid4().hex[:6]}",
         model_path=model_dir,
         num_slots=slots,
-        experts_per_slot=-(-2 * ModelConfig.tiny().num_experts // slots),
+        experts_per_slot=two_replica_experts_per_slot(ModelConfig.tiny().num_experts, slots),
         dtype=DTYPE,
         ttl_s=2,
         exchange_timeout_s=2.0,
