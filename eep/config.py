@@ -1,13 +1,63 @@
 """The runtime configuration of one cluster: written to ``/eep/<cluster>/config`` by the
-launcher, read from there by every supervisor, worker and the front-end."""
+launcher, read from there by every supervisor, worker and the front-end.
+
+Every device-dependent default is defined here once (:func:`default_exchange_timeout_s`,
+:func:`default_dtype`, :func:`default_fabric`, :func:`default_cuda_graphs`) and applied on every
+construction path: a field left ``None`` is resolved from ``device`` when the config is made.
+:meth:`RuntimeConfig.for_cluster` is the one builder the launcher, the demo, the benches and
+the e2e tests use. No torch here: the front-end imports this module.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
-_DTYPES = ("float32", "float64", "bfloat16", "float16")
-_FABRICS = ("shm", "symm", "nccl")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+FABRICS = ("shm", "symm", "nccl")
+DEFAULT_SLOTS = 4
+DEFAULT_TTL_S = 3  # lease TTL, s
+
+# the bounded wait on a peer in one expert exchange before the step is discarded, in seconds
+_EXCHANGE_TIMEOUT_S = {"cuda": 0.5, "cpu": 2.0}
+
+
+def default_exchange_timeout_s(device: str) -> float:
+    """The exchange timeout, in seconds, a cluster on ``device`` gets unless one is given:
+    0.5 s on "cuda" (a GPU step takes milliseconds), 2.0 s on "cpu"."""
+    return _EXCHANGE_TIMEOUT_S[_checked_device(device)]
+
+
+def default_dtype(device: str, exact: bool = False) -> str:
+    """bfloat16 on "cuda"; float32 on "cpu", or float64 with ``exact``: where outputs are
+    compared token for token with a single-process run (the demo, the benches, the e2e
+    tests), since a rank batches other requests than the reference does and in float64 those
+    different summation orders cannot flip a greedy token."""
+    if _checked_device(device) == "cuda":
+        return "bfloat16"
+    return "float64" if exact else "float32"
+
+
+def default_fabric(device: str, baseline: bool = False) -> str:
+    """shm on "cpu" (elastic or not); on "cuda" symm, or nccl for the fixed-membership
+    baseline."""
+    if _checked_device(device) == "cpu":
+        return "shm"
+    return "nccl" if baseline else "symm"
+
+
+def default_cuda_graphs(device: str) -> bool:
+    """Decode steps replayed from CUDA graphs: on with "cuda", off on "cpu"."""
+    return _checked_device(device) == "cuda"
+
+
+def _checked_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"RuntimeConfig.device {device!r} must be one of {DEVICES}.")
+    return device
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,10 +67,10 @@ class RuntimeConfig:
     num_slots: int
     experts_per_slot: int
     device: str = "cpu"  # "cpu" or "cuda" (each slot takes cuda:<slot % device_count>)
-    dtype: str = "float32"
+    dtype: str | None = None  # None: default_dtype(device)
     fabric: str = "shm"
-    ttl_s: int = 3
-    exchange_timeout_s: float = 2.0
+    ttl_s: int = DEFAULT_TTL_S
+    exchange_timeout_s: float | None = None  # s; None: default_exchange_timeout_s(device)
     max_tokens_per_step: int = 64
     max_num_seqs: int = 256  # sequences one rank decodes at once; the rest wait on the rank
     kv_blocks: int = 256
@@ -28,35 +78,93 @@ class RuntimeConfig:
     model_name: str = "eep"
     elastic: bool = True  # False: the fixed-membership baseline
     fabric_store: str = ""  # host:port of the TCP store the nccl fabric rendezvous at
-    # decode steps padded, replayed from CUDA graphs (symm on GPU); eep launch --device cuda
-    # turns it on unless --no-cuda-graphs
-    cuda_graphs: bool = False
+    # decode steps padded, replayed from CUDA graphs (symm on GPU); None: on with device
+    # "cuda" (eep launch --no-cuda-graphs turns it off), off on "cpu"
+    cuda_graphs: bool | None = None
     # fault-injection hook, off (0) in service: a worker's first pull of its experts, once
     # planned, is held open this long before any byte moves, so `eep bench chaos` can kill
     # the rejoining worker or one of its sources mid-pull (the tiny model's pull takes ms)
     pull_hold_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_slots < 1 or self.experts_per_slot < 1:
+        device = _checked_device(self.device)
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", default_dtype(device))
+        if self.exchange_timeout_s is None:
+            object.__setattr__(self, "exchange_timeout_s", default_exchange_timeout_s(device))
+        if self.cuda_graphs is None:
+            object.__setattr__(self, "cuda_graphs", default_cuda_graphs(device))
+        for name in _AT_LEAST_ONE:
+            _at_least_one(name, getattr(self, name))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"RuntimeConfig.dtype {self.dtype!r} must be one of {DTYPES}.")
+        if self.fabric not in FABRICS:
+            raise ValueError(f"RuntimeConfig.fabric {self.fabric!r} must be one of {FABRICS}.")
+        if not self.exchange_timeout_s > 0:
             raise ValueError(
-                f"num_slots ({self.num_slots}) and experts_per_slot ({self.experts_per_slot}) "
-                "must be >= 1."
+                f"RuntimeConfig.exchange_timeout_s must be > 0 s, got {self.exchange_timeout_s!r}."
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} must be one of {_DTYPES}.")
-        if self.fabric not in _FABRICS:
-            raise ValueError(f"fabric {self.fabric!r} must be one of {_FABRICS}.")
-        if self.ttl_s < 1 or self.exchange_timeout_s <= 0:
-            raise ValueError("ttl_s must be >= 1 and exchange_timeout_s > 0.")
-        if self.max_tokens_per_step < 1 or self.kv_blocks < 1 or self.block_size < 1:
-            raise ValueError("max_tokens_per_step, kv_blocks and block_size must be >= 1.")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if not self.pull_hold_s >= 0:
             raise ValueError(
-                f"pull_hold_s must be >= 0 s (0 turns the fault-injection hold off), got "
-                f"{self.pull_hold_s!r}."
+                "RuntimeConfig.pull_hold_s must be >= 0 s (0 turns the fault-injection hold "
+                f"off), got {self.pull_hold_s!r}."
             )
+
+    @classmethod
+    def for_cluster(
+        cls,
+        cluster: str,
+        model_path: str,
+        num_slots: int = DEFAULT_SLOTS,
+        *,
+        num_experts: int | None = None,
+        experts_per_slot: int | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        exact: bool = False,
+        fabric: str | None = None,
+        baseline: bool = False,
+        **settings: Any,
+    ) -> RuntimeConfig:
+        """The config of a cluster of ``num_slots`` ranks serving ``model_path`` (made
+        absolute: every process reads it). ``experts_per_slot`` None: room for two replicas
+        of each of the model's ``num_experts`` (:func:`eep.placement.two_replica_experts_per_slot`);
+        ``dtype`` None: :func:`default_dtype` (``exact``: float64 on cpu); ``fabric`` None:
+        :func:`default_fabric` (``baseline``: the fixed-membership baseline's). ``settings``:
+        any other field (``ttl_s``, ``exchange_timeout_s``, ``cuda_graphs``, ...); a ``None``
+        there takes the field's default. A bad value is a ``ValueError`` naming the field."""
+        if experts_per_slot is None:
+            from eep.placement import two_replica_experts_per_slot
+
+            if num_experts is None or not num_experts >= 1:
+                raise ValueError(
+                    "RuntimeConfig.experts_per_slot: give it, or the model's num_experts (>= 1), "
+                    f"got {num_experts!r}."
+                )
+            _at_least_one("num_slots", num_slots)
+            experts_per_slot = two_replica_experts_per_slot(num_experts, num_slots)
+        fabric = fabric or default_fabric(device, baseline)
+        if (fabric, device) in (("symm", "cpu"), ("shm", "cuda")):
+            raise ValueError(
+                f"RuntimeConfig.fabric {fabric!r} does not run on device {device!r}: shm is for "
+                "CPU processes, symm for GPUs."
+            )
+        if fabric == "nccl" and not baseline:
+            raise ValueError(
+                "RuntimeConfig.fabric 'nccl' has a fixed membership: only the full-restart "
+                "baseline (--baseline) runs it."
+            )
+        given = {k: v for k, v in settings.items() if v is not None}
+        return cls(
+            cluster=cluster,
+            model_path=os.path.abspath(model_path),
+            num_slots=num_slots,
+            experts_per_slot=experts_per_slot,
+            device=device,
+            dtype=dtype or default_dtype(device, exact),
+            fabric=fabric,
+            **given,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -75,3 +183,19 @@ class RuntimeConfig:
         import torch
 
         return getattr(torch, self.dtype)
+
+
+_AT_LEAST_ONE = (
+    "num_slots",
+    "experts_per_slot",
+    "ttl_s",
+    "max_tokens_per_step",
+    "max_num_seqs",
+    "kv_blocks",
+    "block_size",
+)
+
+
+def _at_least_one(name: str, value: int) -> None:
+    if not value >= 1:
+        raise ValueError(f"RuntimeConfig.{name} must be >= 1, got {value!r}.")

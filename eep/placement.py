@@ -9,9 +9,6 @@ Glossary:
   the device tensors the kernels read keep their shape across views).
 - *orphaned expert*: one with no replica on a live slot.
 - *home*: the initial placement; a slot that comes back gets its home experts again.
-
-Plans (:class:`PlacementPlan`) say what must be copied where, and from which source: a live
-replica that the plan leaves in place (GPU to GPU), a host-memory backup, or the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,29 +18,11 @@ import json
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any
 
 
 class PlacementError(ValueError):
     """A placement that cannot exist or a payload that does not decode; the message says why."""
-
-
-class Source(Enum):
-    REPLICA = "replica"  # a live slot that keeps its copy through the plan
-    BACKUP = "backup"  # a host-memory backup copy
-    CHECKPOINT = "checkpoint"  # the checkpoint on disk
-
-
-@dataclass(frozen=True, slots=True)
-class Move:
-    """Fill physical expert ``dst_phy`` with logical ``expert`` from ``source``
-    (``src_phy`` is the replica read when ``source`` is ``REPLICA``, else ``-1``)."""
-
-    expert: int
-    dst_phy: int
-    source: Source
-    src_phy: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +119,6 @@ class Placement:
         """Logical experts with no live replica (a view holding any is degraded)."""
         return tuple(e for e, c in enumerate(self.replica_count) if c == 0)
 
-    def orphaned_by(self, slot: int) -> tuple[int, ...]:
-        """The experts that would be orphaned if ``slot`` died now."""
-        count = self.replica_count
-        return tuple(sorted(e for e in self.slot_experts(slot) if e >= 0 and count[e] == 1))
-
     # --- JSON (the ``placement`` payload of a membership view) ----------------------------
 
     def to_json(self) -> dict[str, Any]:
@@ -171,11 +145,10 @@ class Placement:
 
 @dataclass(frozen=True, slots=True)
 class PlacementPlan:
-    """The placement to serve next and the copies that realise it; ``orphaned`` lists the
-    experts still without a live replica (capacity ran out: the view is degraded)."""
+    """The placement to serve next; ``orphaned`` lists the experts still without a live
+    replica (capacity ran out: the view is degraded)."""
 
     placement: Placement
-    moves: tuple[Move, ...]
     orphaned: tuple[int, ...]
 
 
@@ -274,15 +247,12 @@ def _assign(
 # --- repair and rejoin ------------------------------------------------------------------------
 
 
-def repair(
-    placement: Placement, live_slots: Collection[int], backups: Collection[int] = ()
-) -> PlacementPlan:
+def repair(placement: Placement, live_slots: Collection[int]) -> PlacementPlan:
     """The placement after the slots outside ``live_slots`` died.
 
     Survivors keep every expert they hold except redundant replicas overwritten to re-home an
     orphaned expert (empty positions are used first, then replicas of the experts with the
-    most live replicas). Re-homed experts come from a host backup (``backups``: logical ids)
-    or else the checkpoint.
+    most live replicas).
     """
     live = _live(placement, live_slots)
     if not set(live) <= set(placement.live):
@@ -292,10 +262,10 @@ def repair(
         )
     phy2log = _rehome(placement, _cleared(placement, placement.phy2log, live), live)
     target = replace(placement, phy2log=tuple(phy2log), live=live)
-    return _plan(placement, target, backups)
+    return PlacementPlan(target, target.orphans)
 
 
-def add_slot(placement: Placement, slot: int, backups: Collection[int] = ()) -> PlacementPlan:
+def add_slot(placement: Placement, slot: int) -> PlacementPlan:
     """The placement after ``slot`` comes back: it gets its home experts again, and every
     live slot returns to its home experts too, except where an expert whose home slots are
     all still dead must stay re-homed. The target depends only on the home placement and the
@@ -307,7 +277,7 @@ def add_slot(placement: Placement, slot: int, backups: Collection[int] = ()) -> 
     live = tuple(sorted({*placement.live, slot}))
     phy2log = _rehome(placement, _cleared(placement, placement.home, live), live)
     target = replace(placement, phy2log=tuple(phy2log), live=live)
-    return _plan(placement, target, backups)
+    return PlacementPlan(target, target.orphans)
 
 
 def _live(placement: Placement, live_slots: Collection[int]) -> tuple[int, ...]:
@@ -360,26 +330,3 @@ def _rehome(placement: Placement, phy2log: list[int], live: tuple[int, ...]) -> 
         count[orphan] = 1
         rehomed_on[placement.slot_of(p)] += 1
     return phy2log
-
-
-def _plan(old: Placement, target: Placement, backups: Collection[int]) -> PlacementPlan:
-    """The copies that turn ``old`` into ``target``: a live replica that ``target`` keeps in
-    place is the source when one exists (spread over holders), else a backup, else disk.
-    A position the plan overwrites is never a source, so the copies may run in any order."""
-    live, backed = set(old.live) & set(target.live), set(backups)
-    kept: dict[int, list[int]] = {}
-    for p, e in enumerate(old.phy2log):
-        if e >= 0 and old.slot_of(p) in live and target.phy2log[p] == e:
-            kept.setdefault(e, []).append(p)
-    reads: Counter[int] = Counter()
-    moves = []
-    for p, e in enumerate(target.phy2log):
-        if e < 0 or old.phy2log[p] == e:
-            continue
-        if e in kept:
-            src = min(kept[e], key=lambda q: (reads[old.slot_of(q)], q))
-            reads[old.slot_of(src)] += 1
-            moves.append(Move(e, p, Source.REPLICA, src))
-        else:
-            moves.append(Move(e, p, Source.BACKUP if e in backed else Source.CHECKPOINT))
-    return PlacementPlan(target, tuple(moves), target.orphans)

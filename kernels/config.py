@@ -9,6 +9,7 @@ replica of a logical expert and lives on slot ``p // experts_per_slot`` as **loc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,10 @@ class EpConfig:
     """Sizes and behaviour of one EP fabric over ``num_slots`` ranks of one host.
 
     ``max_tokens`` bounds the tokens one rank dispatches in one step; every receive buffer is
-    sized from it once. ``timeout_us`` bounds each wait on a peer's flag. ``elastic=False``
-    turns the elastic checks (rank mask, epoch, timeout) off; it exists to measure their cost.
+    sized from it once. ``exchange_timeout_s`` (seconds) bounds each wait on a peer's flag; it
+    has no default here: the runtime's configuration (``RuntimeConfig.exchange_timeout_s``) or a
+    bench's own option gives it. ``elastic=False`` turns the elastic checks (rank mask, epoch,
+    timeout) off; it exists to measure their cost.
     """
 
     num_slots: int
@@ -30,8 +33,8 @@ class EpConfig:
     hidden: int
     topk: int
     max_tokens: int
-    dtype: torch.dtype = torch.bfloat16
-    timeout_us: int = 200_000
+    dtype: torch.dtype
+    exchange_timeout_s: float
     elastic: bool = True
 
     def __post_init__(self) -> None:
@@ -48,9 +51,10 @@ class EpConfig:
             )
         if self.dtype not in _DTYPES:
             raise ValueError(f"EpConfig.dtype must be one of {_DTYPES}, got {self.dtype}.")
-        if not isinstance(self.timeout_us, int) or self.timeout_us < 1:
+        t = self.exchange_timeout_s
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < math.inf:
             raise ValueError(
-                f"EpConfig.timeout_us must be a positive int, got {self.timeout_us!r}."
+                f"EpConfig.exchange_timeout_s must be a positive number of seconds, got {t!r}."
             )
 
     @property

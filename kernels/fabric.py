@@ -83,10 +83,14 @@ class EpFabric:
     peer sends); ``peer_base`` ``[S]`` int64 holds every rank's buffer address as this device
     sees it. Per-step results, valid once the step's receive phase has run (stream-ordered):
     ``suspect_mask`` ``[S]`` int32 (1 = a live-marked peer did not deliver within
-    ``timeout_us``), ``status`` ``[1]`` int32 (bit 1 timeout, bit 2 newer epoch seen: abandon the
-    step). A step with a nonzero ``status`` is invalid and must be discarded by the caller.
-    ``step_status``/``step_suspects`` OR those over every exchange since
+    ``cfg.exchange_timeout_s``), ``status`` ``[1]`` int32 (bit 1 timeout, bit 2 newer epoch
+    seen: abandon the step). A step with a nonzero ``status`` is invalid and must be discarded
+    by the caller. ``step_status``/``step_suspects`` OR those over every exchange since
     :meth:`reset_step_status`: an engine reads them once per step instead of after each wait.
+
+    What the ``symm`` fabric's adapter reads beyond dispatch/combine: :meth:`combine_recv_rows`
+    (combine's wait without its reduction), :meth:`newest_flag_epoch` (after a failed step) and
+    :meth:`close`.
     """
 
     def __init__(
@@ -244,13 +248,34 @@ class EpFabric:
         self.combine_send(y, handle)
         return self.combine_recv(handle, out)
 
+    def combine_recv_rows(self, handle: DispatchHandle) -> torch.Tensor:
+        """The wait of :meth:`combine_recv` without its reduction: waits (bounded) for every
+        live, non-suspect expert owner, then returns the expert output of each of this rank's
+        ``(t, k)`` entries, ``[T * K, H]`` in flat ``t * K + k`` order. A view of the receive
+        buffer, overwritten by the next step; rows of dropped entries (``topk_phy < 0``) and of
+        suspect slots are stale, for the caller to mask."""
+        self._launch_wait(is_dispatch=False)
+        return self._combine_buf[: handle.num_tokens * self.cfg.topk]
+
+    def newest_flag_epoch(self) -> int:
+        """The newest epoch any peer's dispatch or combine flag in this rank's buffer carries
+        (a flag is ``(epoch << 32) | step``); syncs the host. After a step abandoned for a
+        newer epoch, this says which epoch a peer was already in."""
+        flags = torch.cat([self._dispatch_flag, self._combine_flag])
+        return int((flags >> 32).max())
+
+    def close(self) -> None:
+        """Releases what this rank holds beyond its tensors (which torch frees): nothing here;
+        ``IpcEpBuffer`` unmaps its peers and frees its driver allocation."""
+
     def _launch_wait(self, is_dispatch: bool) -> None:
         cfg = self.cfg
         flag = self._dispatch_flag if is_dispatch else self._combine_flag
+        timeout_ns = max(1, round(cfg.exchange_timeout_s * 1e9))  # the kernel counts ns
         k._wait_kernel[(1,)](
             flag, self._recv_count, self.recv_m, self.suspect_mask, self.status,
             self.step_suspects, self.step_status, self.view.rank_mask, self.view.epoch,
-            self.step, cfg.timeout_us * 1000,
+            self.step, timeout_ns,
             NUM_SLOTS=cfg.num_slots, EXPERTS_PER_SLOT=cfg.experts_per_slot,
             BLOCK_S=k.next_pow2(cfg.num_slots), BLOCK_L=k.next_pow2(cfg.experts_per_slot),
             IS_DISPATCH=is_dispatch, ELASTIC=cfg.elastic, USE_GLOBALTIMER=self._use_timer,

@@ -20,16 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.kernels.config import EpConfig
-from eep.kernels.fabric import EpFabric, FabricLayout
-from eep.kernels.view import DeviceView
-from eep.transfer.ipc import (
+from eep.cuda_driver import (
     HANDLE_BYTES,
     LAZY_ENABLE_PEER_ACCESS,
     IpcHandle,
     cuda_error,
     load_driver,
 )
+from eep.kernels.config import EpConfig
+from eep.kernels.fabric import EpFabric, FabricLayout
+from eep.kernels.view import DeviceView
 
 
 class IpcError(RuntimeError):

@@ -3,8 +3,8 @@
 One symmetric allocation per rank, made once (sized by ``EpConfig``: ``max_tokens`` rows per
 sender and local expert); peers' buffers are mapped into every rank's address space, and the
 Triton kernels of ``EpFabric`` store straight into them. A dead peer's buffer stays mapped, so a
-survivor's stores into it never fault; its waits on that peer end at ``timeout_us`` with the
-peer flagged in ``suspect_mask``.
+survivor's stores into it never fault; its waits on that peer end after ``exchange_timeout_s``
+with the peer flagged in ``suspect_mask``.
 
 Usage (every rank of ``group``, one GPU each)::
 

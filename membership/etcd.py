@@ -7,126 +7,44 @@ notices), and turns every failure into a typed error from ``errors``.
 
 Every request has a timeout; a request that times out has an unknown outcome, so writers that
 care (the view commit) resolve it by re-reading, never by blindly repeating.
+
+Here: the client (:class:`EtcdClient`: KV, transactions, leases) and :class:`WatchStream`. The
+records they return and the transaction builders are plain data in ``etcd_json``, re-exported
+here so that callers import everything etcd from this one module.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import queue
 import socket
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import etcd3gw
 import requests
 
 from .errors import EtcdRequestError, EtcdUnavailable, WatchBroken, WatchCompacted
+from .etcd_json import (
+    Event,
+    KeyValue,
+    TxnResult,
+    WatchBatch,
+    b64,
+    cmp_create,
+    cmp_lease,
+    cmp_mod,
+    op_delete,
+    op_get,
+    op_put,
+    prefix_end,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 2.0
-
-
-def _b64(data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode()
-    return base64.b64encode(data).decode()
-
-
-def _unb64(data: str | None) -> bytes:
-    return base64.b64decode(data) if data else b""
-
-
-def prefix_end(prefix: str) -> str:
-    """The range end that selects every key starting with ``prefix``."""
-    raw = prefix.encode()
-    return (raw[:-1] + bytes([raw[-1] + 1])).decode()
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    """One key as etcd stores it; revisions are etcd's, ``lease`` 0 means none."""
-
-    key: str
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-    @classmethod
-    def from_json(cls, kv: dict[str, Any]) -> KeyValue:
-        return cls(
-            key=_unb64(kv.get("key")).decode(),
-            value=_unb64(kv.get("value")),
-            create_revision=int(kv.get("create_revision", 0)),
-            mod_revision=int(kv.get("mod_revision", 0)),
-            version=int(kv.get("version", 0)),
-            lease=int(kv.get("lease", 0)),
-        )
-
-    def json(self) -> Any:
-        return json.loads(self.value)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """A watch event: ``kind`` is ``"put"`` or ``"delete"``; ``kv.mod_revision`` orders it."""
-
-    kind: str
-    kv: KeyValue
-
-
-@dataclass(frozen=True, slots=True)
-class WatchBatch:
-    """The events of one watch response, all at revisions <= ``revision``."""
-
-    revision: int
-    events: tuple[Event, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class TxnResult:
-    succeeded: bool
-    revision: int
-    # for each op of the branch taken: the KeyValues a range returned ([] for put/delete)
-    responses: tuple[tuple[KeyValue, ...], ...] = field(default_factory=tuple)
-
-
-# --- transaction builders (compare targets: MOD, CREATE, VERSION, VALUE, LEASE) -------------
-
-
-def cmp_mod(key: str, revision: int, result: str = "EQUAL") -> dict[str, Any]:
-    """Compare a key's ``mod_revision`` (0 for a missing key)."""
-    return {"key": _b64(key), "target": "MOD", "result": result, "mod_revision": revision}
-
-
-def cmp_create(key: str, revision: int, result: str = "EQUAL") -> dict[str, Any]:
-    """Compare a key's ``create_revision`` (0 for a missing key)."""
-    return {"key": _b64(key), "target": "CREATE", "result": result, "create_revision": revision}
-
-
-def cmp_lease(key: str, lease_id: int, result: str = "EQUAL") -> dict[str, Any]:
-    return {"key": _b64(key), "target": "LEASE", "result": result, "lease": lease_id}
-
-
-def op_put(key: str, value: str | bytes, lease: int = 0) -> dict[str, Any]:
-    req: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-    if lease:
-        req["lease"] = lease
-    return {"request_put": req}
-
-
-def op_get(key: str) -> dict[str, Any]:
-    return {"request_range": {"key": _b64(key)}}
-
-
-def op_delete(key: str) -> dict[str, Any]:
-    return {"request_delete_range": {"key": _b64(key)}}
 
 
 class EtcdClient:
@@ -204,25 +122,25 @@ class EtcdClient:
         return self.range(prefix, prefix_end(prefix))
 
     def range(self, key: str, range_end: str | None = None) -> tuple[list[KeyValue], int]:
-        body: dict[str, Any] = {"key": _b64(key)}
+        body: dict[str, Any] = {"key": b64(key)}
         if range_end is not None:
-            body["range_end"] = _b64(range_end)
+            body["range_end"] = b64(range_end)
         result = self._post("kv/range", body)
         kvs = [KeyValue.from_json(kv) for kv in result.get("kvs", [])]
         return kvs, int(result["header"]["revision"])
 
     def put(self, key: str, value: str | bytes, lease: int = 0) -> int:
         """Write ``key``; returns the new store revision. A missing lease is an error."""
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
         if lease:
             body["lease"] = lease
         return int(self._post("kv/put", body)["header"]["revision"])
 
     def delete(self, key: str, prefix: bool = False) -> int:
         """Delete ``key`` (or every key under it); returns how many keys were deleted."""
-        body: dict[str, Any] = {"key": _b64(key)}
+        body: dict[str, Any] = {"key": b64(key)}
         if prefix:
-            body["range_end"] = _b64(prefix_end(key))
+            body["range_end"] = b64(prefix_end(key))
         return int(self._post("kv/deleterange", body).get("deleted", 0))
 
     def txn(
@@ -323,9 +241,9 @@ class WatchStream:
     """
 
     def __init__(self, client: EtcdClient, key: str, start_revision: int, prefix: bool):
-        create: dict[str, Any] = {"key": _b64(key), "start_revision": start_revision}
+        create: dict[str, Any] = {"key": b64(key), "start_revision": start_revision}
         if prefix:
-            create["range_end"] = _b64(prefix_end(key))
+            create["range_end"] = b64(prefix_end(key))
         self._resp, self.endpoint = client._open_stream({"create_request": create})
         self._queue: queue.Queue[WatchBatch | Exception] = queue.Queue()
         self._closed = threading.Event()

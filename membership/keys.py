@@ -9,7 +9,6 @@
 | /eep/<cluster>/views/<epoch:08d>      | same txn               | View (history)             |
 | /eep/<cluster>/coordinator            | coordinator, leased    | leader's identity          |
 | /eep/<cluster>/manifests/<slot>       | rank                   | weight arena layout        |
-| /eep/<cluster>/manifests/backup-<n>   | host backup holder     | weight arena layout        |
 | /eep/<cluster>/fabric/<slot>          | rank (symm), leased    | IPC handle of its buffer   |
 | /eep/<cluster>/frontend               | front-end, leased      | address                    |
 """

@@ -22,7 +22,10 @@
 # first, about 1 minute for 48 layers, since a machine does not outlive its idle release).
 set -u
 source .gpu-bundle/setup.sh >/dev/null 2>&1
-export PYTHONPATH=.:${PYTHONPATH:-}
+# this checkout installed editable into python3 (skipped when it already is): the same as
+# `make gpu-install`
+python3 -c 'import os, eep.membership as m; r = os.path.realpath; raise SystemExit(not r(m.__file__).startswith(r(os.curdir) + os.sep))' 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 OUT=${OUT:-gpu-out}
 WEIGHTS=${WEIGHTS:-/dev/shm/eep-q30b}
 LAYERS=${RECOVERY_LAYERS:-16}

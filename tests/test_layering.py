@@ -6,9 +6,8 @@ Layers, top to bottom:
 - the runtime, the rest of ``eep.*`` (rank, frontend, engine, fabrics, model, ...);
 - ``eep.transfer``, which keeps its manifests in etcd and so may use ``eep.membership``;
 - ``eep.membership`` and ``eep.kernels``, which import nothing of the project but themselves;
-- leaf modules every layer may use: ``eep.cuda_driver`` (the CUDA driver binding under both the
-  kernels' IPC buffer and the transfer service) and ``eep.wire``'s neighbours listed in
-  ``LEAVES``, which import no project module.
+- leaf modules every layer may use (``LEAVES``): ``eep.cuda_driver``, the CUDA driver binding
+  under both the kernels' IPC buffer and the transfer service; it imports no project module.
 
 Lazy (function-level) imports count: a cycle through one is still a cycle.
 """
@@ -161,3 +160,16 @@ def test_no_module_is_over_the_limit_without_a_reason(limit):
         and "Longer than 400 lines:" not in "\n".join(path.read_text().splitlines()[:30])
     ]
     assert not long, f"over {limit} lines without a reason at the top: {long}"
+
+
+def test_every_package_is_installed():
+    """pyproject lists each package (a non-editable install copies only those)."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {mod for mod, path in _modules().items() if path.name == "__init__.py"}
+    assert found == listed, (
+        f"packages not listed: {found - listed}; listed, absent: {listed - found}"
+    )

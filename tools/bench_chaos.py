@@ -59,7 +59,8 @@ import json
 import os
 import tempfile
 import time
-import uuid
+
+from eep.config import default_dtype
 
 from .chaos_cases import CASES, PULL_CASES, CaseFailed, CaseResult, Ctx
 from .chaos_checks import (
@@ -71,11 +72,11 @@ from .chaos_checks import (
     stream_counts,
 )
 from .chaos_report import failed, header, table, totals
-from .common import scrape_metrics
+from .common import add_cluster_arguments, new_cluster_name, runtime_config, scrape_metrics
 from .faults import FaultMissed
 
 PROMPTS = 16  # distinct prompts, cycled by the load
-DTYPE = "float64"  # batching differences cannot flip a greedy token against the reference
+DTYPE = default_dtype("cpu", exact=True)  # float64: the outputs are checked token for token
 MAX_RESTARTS = 1000  # torchrun's restarts of a supervisor: repeats must never exhaust them
 
 _EPILOG = """\
@@ -102,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated cases to run, in order (default all: {', '.join(CASES)})",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each case (default 3)")
-    parser.add_argument("--slots", type=int, default=4, help="CPU ranks, >= 3 (default 4)")
+    add_cluster_arguments(parser, "slots")  # CPU ranks; >= 3 here
     parser.add_argument(
         "--streams", type=int, default=8, help="requests held at once (closed loop) (default 8)"
     )
@@ -113,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="tokens streamed after full recovery before a run ends (default 64)",
     )
-    parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (default 3)")
+    add_cluster_arguments(parser, "ttl")
     parser.add_argument(
         "--pull-hold",
         type=float,
@@ -240,19 +241,13 @@ def _broken(case: str, repeat: int, exc: Exception) -> dict:
 
 
 def _start(case: str, args, serial: int):
-    from eep.config import RuntimeConfig
     from eep.launcher import Cluster, ClusterOptions
-    from eep.model.config import ModelConfig
-    from eep.placement import two_replica_experts_per_slot
 
-    num_experts = ModelConfig.from_dir(args.model).num_experts
-    cfg = RuntimeConfig(
-        cluster=f"chaos-{serial}-{uuid.uuid4().hex[:6]}",
-        model_path=args.model,
-        num_slots=args.slots,
-        experts_per_slot=two_replica_experts_per_slot(num_experts, args.slots),
+    cfg = runtime_config(
+        args,
+        args.model,
+        new_cluster_name(f"chaos-{serial}"),
         dtype=DTYPE,
-        ttl_s=args.ttl,
         pull_hold_s=args.pull_hold if case in PULL_CASES else 0.0,
     )
     log_dir = os.path.join(args.log_dir, f"{case}-{serial}")

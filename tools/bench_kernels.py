@@ -19,6 +19,8 @@ import socket
 import tempfile
 import time
 
+from eep.config import default_exchange_timeout_s
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=4, help="ranks, one GPU each (default 4)")
@@ -29,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts-per-slot", type=int, default=16)
     parser.add_argument("--iters", type=int, default=200, help="timed iterations per point")
+    parser.add_argument(
+        "--exchange-timeout",
+        dest="exchange_timeout_s",
+        type=float,
+        default=default_exchange_timeout_s("cuda"),
+        metavar="S",
+        help="bounded wait on a peer per exchange, in seconds (default: a cluster's on cuda)",
+    )
     parser.add_argument("--skip-comm", action="store_true", help="only the GEMM benchmark")
     parser.add_argument("--skip-gemm", action="store_true", help="only dispatch/combine")
     parser.add_argument("--out", default="kernels-bench.json", help="JSON results path")
@@ -69,6 +79,7 @@ def _run_comm(args: argparse.Namespace) -> list[dict]:
         "topk": args.topk,
         "experts_per_slot": args.experts_per_slot,
         "iters": args.iters,
+        "exchange_timeout_s": args.exchange_timeout_s,
     }
     ctx = mp.get_context("spawn")
     procs = [
@@ -124,7 +135,10 @@ def _bench_hidden(rank: int, world: int, hidden: int, conf: dict) -> list[dict]:
     )
     bufs = {}
     for elastic in (True, False):
-        cfg = EpConfig(world, per_slot, hidden, topk, cap, elastic=elastic)
+        cfg = EpConfig(
+            world, per_slot, hidden, topk, cap, torch.bfloat16, conf["exchange_timeout_s"],
+            elastic=elastic,
+        )  # fmt: skip
         bufs[elastic] = SymmEpBuffer(cfg, view)
         _KEEP_ALIVE.append(bufs[elastic])
     rows = []

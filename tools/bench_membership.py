@@ -20,11 +20,13 @@ import tempfile
 import time
 import uuid
 
+from .common import add_cluster_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kills", type=int, default=20, help="kills per path (default 20)")
     parser.add_argument("--slots", type=int, default=4, help="member processes (default 4)")
-    parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (default 3)")
+    add_cluster_arguments(parser, "ttl")
     parser.add_argument("--debounce", type=float, default=0.05, help="coordinator debounce (s)")
     parser.add_argument(
         "--paths", default="ttl,revoke", help="comma list of ttl,revoke (default both)"

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from .common import add_data_plane_arguments, cuda_graphs, exchange_timeout_s
+from .common import add_cluster_arguments, runtime_config
 from .recovery_settings import MODES, BenchSettings
 
 # per device: sequences one rank decodes at once. Small on the CPU so that a slot's capacity
@@ -32,9 +32,7 @@ MAX_NUM_SEQS = {"cpu": 4, "cuda": 16}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("--model", default=None, help="HF-style model dir (default: the tiny random model)")
-    p("--slots", type=int, default=4, help="EP slots (default 4)")
-    p("--device", choices=["cpu", "cuda"], default="cpu", help="where ranks run (default cpu)")
-    p("--dtype", default=None, help="default float64 on cpu, bfloat16 on cuda")
+    add_cluster_arguments(parser, "slots", "device", "dtype")
     p(
         "--max-num-seqs",
         type=int,
@@ -84,8 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--tail", type=float, default=10.0, help="s of load after throughput is back (10)")
     p("--bin", type=float, default=0.5, help="throughput bin, s; slots are polled per bin (0.5)")
     p("--window", type=float, default=3.0, help="sustained window for the 95%% time, s (3)")
-    p("--ttl", type=int, default=3, help="lease TTL in s (3)")
-    add_data_plane_arguments(parser)
+    add_cluster_arguments(parser, "ttl", "exchange_timeout", "cuda_graphs")
     p("--modes", default="elastic,baseline", help="runs, in order (elastic,baseline)")
     p("--repeat", type=int, default=1, help="runs per mode; the table gives median and max (1)")
     p("--log-dir", default=None, help="keep the clusters' logs here (<dir>/<mode>/run<i>)")
@@ -135,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _validated(args: argparse.Namespace) -> tuple[BenchSettings, list[str]]:
     """Every setting resolved and checked, or a message naming the bad option."""
-    args.cuda_graphs = cuda_graphs(args)  # resolved, so the JSON says what ran
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES) or len(set(modes)) != len(modes):
         raise SystemExit(
@@ -163,17 +159,22 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
     from .launch import tiny_model
 
     seqs = _given(args.max_num_seqs, MAX_NUM_SEQS[args.device])
-    slots, failed = args.slots, len(args.slot)
+    model_path = args.model or tiny_model()
+    # the runtime settings resolved by the one builder; each run's cluster is built from them
+    # again, per mode (recovery_run._runtime). exact: outputs are checked token for token
+    cfg = runtime_config(args, model_path, "bench", exact=True)
+    args.cuda_graphs = cfg.cuda_graphs  # resolved, so the JSON says what ran
+    slots, failed = cfg.num_slots, len(args.slot)
     return BenchSettings(
-        model_path=os.path.abspath(args.model or tiny_model()),
-        dtype=args.dtype or ("float64" if args.device == "cpu" else "bfloat16"),
-        device=args.device,
+        model_path=cfg.model_path,
+        dtype=cfg.dtype,
+        device=cfg.device,
         num_slots=slots,
         max_num_seqs=seqs,
         max_tokens=args.max_tokens,
-        ttl_s=args.ttl,
-        exchange_timeout_s=exchange_timeout_s(args),
-        cuda_graphs=args.cuda_graphs,
+        ttl_s=cfg.ttl_s,
+        exchange_timeout_s=cfg.exchange_timeout_s,
+        cuda_graphs=cfg.cuda_graphs,
         fault=args.fault,
         failed_slots=tuple(args.slot),
         stagger_s=args.stagger,

@@ -51,7 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per fabric")
     parser.add_argument("--max-tokens-per-step", type=int, default=64)
-    parser.add_argument("--timeout-s", type=float, default=30.0, help="exchange timeout")
+    parser.add_argument(
+        "--exchange-timeout",
+        "--timeout-s",
+        dest="exchange_timeout_s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="bounded wait on a peer per exchange, in seconds (default 30)",
+    )
     add_cuda_graphs_argument(parser)
     parser.add_argument("--out", default="serve-bench.json", help="JSON results path")
 
@@ -150,6 +158,7 @@ def _worker(slot: int, opts: dict, barrier, results) -> None:
 def _serve_all(slot: int, opts: dict, barrier) -> dict:
     import torch
 
+    from eep.fabrics.base import FabricMember
     from eep.fabrics.factory import make_fabric
     from eep.fabrics.nccl import ensure_process_group
     from eep.fabrics.symm import peer_info_from_dir, publish_to_dir
@@ -170,13 +179,15 @@ def _serve_all(slot: int, opts: dict, barrier) -> dict:
     fabrics = {}
     for name, kind, elastic in _CPU_FABRICS if cpu else _GPU_FABRICS:
         cluster = f"bench{opts['run']}{name.replace('-', '')}"
-        fabric = make_fabric(
-            kind, cluster, slot, 1, fabric_cfg, store_addr=opts["store_addr"], device=device,
-            elastic=elastic, peer_info=peer_info_from_dir(opts["tmp"], cluster),
+        member = FabricMember(
+            cluster, slot, 1, device=device, elastic=elastic,
+            peer_info=peer_info_from_dir(opts["tmp"], cluster), store_addr=opts["store_addr"],
         )  # fmt: skip
-        if kind == "symm":
-            fabric.warm_up()
-            publish_to_dir(opts["tmp"], cluster, slot, 1, fabric.export())
+        fabric = make_fabric(kind, fabric_cfg, member)
+        fabric.warm_up()  # alone: symm compiles its kernels; the others have nothing to warm
+        export = fabric.export()
+        if export is not None:  # peers open this slot's buffers from it (symm)
+            publish_to_dir(opts["tmp"], cluster, slot, 1, export)
         barrier.wait(timeout=120)  # every buffer exists before any peer maps it
         fabric.apply_view(1, members)
         fabrics[name] = fabric
@@ -226,7 +237,7 @@ def _build(slot: int, opts: dict, device):
     view_state.apply(View(1, tuple(range(slots)), incs, placement=placement.to_json()))
     fabric_cfg = FabricConfig(
         slots, eps, cfg.hidden_size, cfg.num_experts_per_tok, opts["max_tokens_per_step"],
-        dtype, opts["timeout_s"],
+        dtype, opts["exchange_timeout_s"],
     )  # fmt: skip
     return model, view_state, fabric_cfg
 

@@ -103,7 +103,7 @@ def _ceiling(device, nbytes: int, repeats: int) -> tuple[float, str]:
 
 
 def _start_holders(ctx, etcd: str, cluster: str, config, tensors, devices):
-    from eep.transfer.source import SourceSpec, serve
+    from eep.tools.holder_proc import SourceSpec, serve
 
     procs = []
     for i, dev in enumerate(devices):
@@ -145,12 +145,12 @@ def _stop_holders(procs) -> None:
 def _bench_protocol(args, proto: str, device, total_mib: int, source_counts, etcd, ctx):
     import torch
 
+    from eep.tools.holder_proc import spec_tensors
     from eep.transfer.arena import Arena, ArenaLayout
     from eep.transfer.config import TransferConfig
     from eep.transfer.engine import start_transport
     from eep.transfer.executor import Puller
     from eep.transfer.manifest import ManifestStore
-    from eep.transfer.source import spec_tensors
 
     naive = proto.endswith("-naive")
     protocol = proto.removesuffix("-naive")

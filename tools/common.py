@@ -1,11 +1,29 @@
-"""Arguments every command shares, and the one place that reads ``EEP_*`` variables."""
+"""Arguments every command shares, and the one place that reads ``EEP_*`` variables.
+
+The commands that start a cluster (``eep launch``, ``eep demo``, ``eep bench recovery``,
+``eep bench chaos``) take their cluster-shape flags from :func:`add_cluster_arguments` and
+make their :class:`~eep.config.RuntimeConfig` with :func:`runtime_config`, which applies the
+defaults of :mod:`eep.config` through :meth:`RuntimeConfig.for_cluster`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import uuid
+from typing import Any
 
+from eep.config import (
+    DEFAULT_SLOTS,
+    DEFAULT_TTL_S,
+    DEVICES,
+    DTYPES,
+    FABRICS,
+    RuntimeConfig,
+    default_cuda_graphs,
+    default_exchange_timeout_s,
+)
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 
@@ -33,18 +51,88 @@ def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_data_plane_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data-plane options of a launched cluster (``eep launch``, ``eep bench recovery``);
-    read back with :func:`exchange_timeout_s` and :func:`cuda_graphs`."""
-    parser.add_argument(
-        "--exchange-timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="bounded wait on a peer per step before the step is discarded (default 2 s on "
-        "cpu, 0.5 s on cuda)",
-    )
-    add_cuda_graphs_argument(parser)
+# the cluster-shape flags of the commands that start a cluster (eep launch, the demo, the
+# benches): each defined once here, with its default and help. name -> (flags, options)
+_CLUSTER_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "slots": (
+        ("--slots",),
+        dict(
+            type=int,
+            default=DEFAULT_SLOTS,
+            help=f"EP slots, one rank each (default {DEFAULT_SLOTS})",
+        ),
+    ),
+    "experts_per_slot": (
+        ("--experts-per-slot",),
+        dict(
+            type=int,
+            default=None,
+            help="physical experts per slot (default: room for 2 replicas of each)",
+        ),
+    ),
+    "device": (
+        ("--device",),
+        dict(choices=DEVICES, default="cpu", help="where ranks run (default cpu)"),
+    ),
+    "dtype": (
+        ("--dtype",),
+        dict(
+            choices=DTYPES,
+            default=None,
+            help="default bfloat16 on cuda; on cpu float32, float64 where outputs are checked "
+            "token for token against a single-process run (the demo and the benches)",
+        ),
+    ),
+    "fabric": (
+        ("--fabric",),
+        dict(
+            choices=FABRICS,
+            default=None,
+            help="data plane: shm (elastic, CPU processes on one host; the CPU default), symm "
+            "(elastic, the Triton kernels over CUDA IPC buffers; the GPU default) or nccl (the "
+            "fixed-membership baseline's collectives, its GPU default; gloo on the CPU; only "
+            "with --baseline)",
+        ),
+    ),
+    "ttl": (
+        ("--ttl",),
+        dict(type=int, default=DEFAULT_TTL_S, help=f"lease TTL in s (default {DEFAULT_TTL_S})"),
+    ),
+    "exchange_timeout": (
+        ("--exchange-timeout",),
+        dict(
+            type=float,
+            default=None,
+            metavar="S",
+            help="bounded wait on a peer per step, in seconds, before the step is discarded "
+            f"(default {default_exchange_timeout_s('cpu'):g} s on cpu, "
+            f"{default_exchange_timeout_s('cuda'):g} s on cuda)",
+        ),
+    ),
+}
+# the flag (argparse dest) -> the RuntimeConfig field it gives
+_FIELD_OF = {
+    "slots": "num_slots",
+    "experts_per_slot": "experts_per_slot",
+    "device": "device",
+    "dtype": "dtype",
+    "fabric": "fabric",
+    "ttl": "ttl_s",
+    "exchange_timeout": "exchange_timeout_s",
+    "cuda_graphs": "cuda_graphs",
+}
+CLUSTER_FLAGS = tuple(_FIELD_OF)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser, *names: str) -> None:
+    """The cluster-shape flags ``names`` (all of :data:`CLUSTER_FLAGS` if none are named), in
+    that order; :func:`runtime_config` reads them back."""
+    for name in names or CLUSTER_FLAGS:
+        if name == "cuda_graphs":
+            add_cuda_graphs_argument(parser)
+        else:
+            flags, options = _CLUSTER_FLAGS[name]
+            parser.add_argument(*flags, **options)
 
 
 def add_cuda_graphs_argument(parser: argparse.ArgumentParser) -> None:
@@ -59,12 +147,38 @@ def add_cuda_graphs_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def runtime_config(
+    args: argparse.Namespace, model_path: str, cluster: str, **settings: Any
+) -> RuntimeConfig:
+    """The :class:`RuntimeConfig` of a cluster started from the command line: the flags of
+    :func:`add_cluster_arguments` that ``args`` has (a flag not given, or one the command
+    lacks, takes the builder's default), then ``settings`` (``exact``, ``baseline``, any
+    field), through :meth:`RuntimeConfig.for_cluster`. Reads the model's ``config.json``. A
+    bad value is a ``ValueError`` naming the field."""
+    from eep.model.config import ModelConfig
+
+    given = {field: getattr(args, flag) for flag, field in _FIELD_OF.items() if hasattr(args, flag)}
+    num_experts = ModelConfig.from_dir(model_path).num_experts
+    return RuntimeConfig.for_cluster(
+        cluster, model_path, num_experts=num_experts, **(given | settings)
+    )
+
+
+def new_cluster_name(prefix: str) -> str:
+    """A fresh cluster name: ``<prefix>-`` and 6 random hex digits."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
 def cuda_graphs(args: argparse.Namespace) -> bool:
-    return args.device == "cuda" if args.cuda_graphs is None else args.cuda_graphs
+    """``--cuda-graphs`` resolved: on with ``--device cuda`` unless given."""
+    return default_cuda_graphs(args.device) if args.cuda_graphs is None else args.cuda_graphs
 
 
 def exchange_timeout_s(args: argparse.Namespace) -> float:
-    return args.exchange_timeout or (0.5 if args.device == "cuda" else 2.0)
+    """``--exchange-timeout`` resolved, in seconds: :func:`default_exchange_timeout_s` of
+    ``--device`` unless given."""
+    given = args.exchange_timeout
+    return default_exchange_timeout_s(args.device) if given is None else given
 
 
 def connect(args: argparse.Namespace) -> tuple[EtcdClient, Keys]:

@@ -18,13 +18,12 @@ import argparse
 import os
 import threading
 import time
-import uuid
 
-from .common import scrape_metrics
+from .common import add_cluster_arguments, new_cluster_name, runtime_config, scrape_metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--slots", type=int, default=4, help="ranks to start (default 4)")
+    add_cluster_arguments(parser, "slots")
     parser.add_argument("--kill", type=int, default=2, help="the slot to kill (default 2)")
     parser.add_argument(
         "--streams", type=int, default=12, help="requests held continuously (default 12)"
@@ -56,12 +55,9 @@ PROMPTS = 16
 
 
 def run(args: argparse.Namespace) -> int:
-    from eep.config import RuntimeConfig
     from eep.engine.reference import single_process_outputs
     from eep.engine.sampling import SamplingParams
     from eep.launcher import Cluster, ClusterOptions, LaunchError
-    from eep.model.config import ModelConfig
-    from eep.placement import two_replica_experts_per_slot
 
     from .launch import tiny_model
     from .loadgen import prompts_for
@@ -72,20 +68,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--streams must be >= --slots, --max-tokens >= 8, --tail-tokens >= 1")
     tl = _Timeline()
     model_path = os.path.abspath(tiny_model())
-    num_experts = ModelConfig.from_dir(model_path).num_experts
-    cfg = RuntimeConfig(
-        cluster=f"demo-{uuid.uuid4().hex[:6]}",
-        model_path=model_path,
-        num_slots=args.slots,
-        experts_per_slot=two_replica_experts_per_slot(num_experts, args.slots),
-        dtype="float64",
-        ttl_s=3,
-    )
+    # CPU ranks in float64 (exact: the outputs are checked against a single-process run)
+    cfg = runtime_config(args, model_path, new_cluster_name("demo"), exact=True)
     prompts = prompts_for(PROMPTS)
     tl.mark(f"computing the fault-free reference of {PROMPTS} prompts (one process)")
-    expected = single_process_outputs(
-        model_path, prompts, [SamplingParams(max_tokens=args.max_tokens)] * len(prompts)
-    )
+    params = [SamplingParams(max_tokens=args.max_tokens)] * len(prompts)
+    expected = single_process_outputs(model_path, prompts, params, cfg.torch_dtype)
     tl.mark(
         f"starting etcd, coordinator, front-end and {args.slots} ranks "
         f"({'directly' if args.no_torchrun else 'one torchrun agent each'})"

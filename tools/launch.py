@@ -10,9 +10,9 @@ import argparse
 import os
 import signal
 import threading
-import uuid
 
-from .common import add_data_plane_arguments, cuda_graphs, exchange_timeout_s
+from . import common
+from .common import add_cluster_arguments
 
 TINY_DIR = os.path.join(".eep", "models", "tiny")
 
@@ -21,33 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="a Hugging Face style directory (config.json + safetensors)")
     model.add_argument("--tiny", action="store_true", help="generate and serve a tiny random model")
-    parser.add_argument("--slots", type=int, default=4, help="EP slots (ranks) (default 4)")
-    parser.add_argument(
-        "--experts-per-slot",
-        type=int,
-        default=None,
-        help="physical experts per slot (default: room for 2 replicas of each)",
-    )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        help="float32|float64|bfloat16 (default float32 on cpu, bfloat16 on cuda)",
-    )
-    parser.add_argument(
-        "--fabric",
-        choices=["shm", "symm", "nccl"],
-        default=None,
-        help="data plane: shm (elastic, CPU processes on one host; the CPU default), symm "
-        "(elastic, the Triton kernels over CUDA IPC buffers; the GPU default) or nccl (the "
-        "fixed-membership baseline's collectives, its GPU default; gloo on the CPU; only with "
-        "--baseline)",
-    )
-    add_data_plane_arguments(parser)
+    add_cluster_arguments(parser)
     parser.add_argument("--etcd", default=None, help="use this etcd (default: start one)")
     parser.add_argument("--cluster", default=None, help="cluster name (default: random)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (default 3)")
     parser.add_argument(
         "--max-restarts",
         type=int,
@@ -80,38 +57,21 @@ def tiny_model() -> str:
 
 
 def runtime_config(args: argparse.Namespace, model_path: str):
-    from eep.config import RuntimeConfig
-    from eep.model.config import ModelConfig
-    from eep.placement import two_replica_experts_per_slot
-
-    num_experts = ModelConfig.from_dir(model_path).num_experts
-    gpu_default = "nccl" if getattr(args, "baseline", False) else "symm"
-    fabric = args.fabric or (gpu_default if args.device == "cuda" else "shm")
-    if (fabric, args.device) in (("symm", "cpu"), ("shm", "cuda")):
-        raise SystemExit(
-            f"--fabric {fabric} does not run on --device {args.device}: "
-            "shm is for CPU processes, symm for GPUs"
+    """The cluster's :class:`~eep.config.RuntimeConfig` from ``eep launch``'s flags."""
+    try:
+        return common.runtime_config(
+            args,
+            model_path,
+            args.cluster or common.new_cluster_name("eep"),
+            baseline=args.baseline,
         )
-    eps = args.experts_per_slot or two_replica_experts_per_slot(num_experts, args.slots)
-    return RuntimeConfig(
-        cluster=args.cluster or f"eep-{uuid.uuid4().hex[:6]}",
-        model_path=os.path.abspath(model_path),
-        num_slots=args.slots,
-        experts_per_slot=eps,
-        device=args.device,
-        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
-        fabric=fabric,
-        ttl_s=args.ttl,
-        exchange_timeout_s=exchange_timeout_s(args),
-        cuda_graphs=cuda_graphs(args),
-    )
+    except ValueError as exc:
+        raise SystemExit(f"eep launch: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from eep.launcher import Cluster, ClusterOptions, LaunchError
 
-    if args.fabric == "nccl" and not args.baseline:
-        raise SystemExit("--fabric nccl has a fixed membership: use it with --baseline")
     if args.baseline and args.no_torchrun:
         raise SystemExit("--baseline runs every slot under one torchrun: drop --no-torchrun")
     model_path = tiny_model() if args.tiny else args.model

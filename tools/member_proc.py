@@ -1,4 +1,5 @@
-"""A membership-only rank: holds a slot the way a serving rank does, without a model.
+"""A membership-only rank: holds a slot the way a serving rank does, without a model (the
+member processes of the membership tests and of ``eep bench membership``).
 
 ``python -m eep.tools.member_proc --etcd H:P --cluster C --slot K`` opens a session, registers
 ``joining``, then ``ready``, and keeps a progress counter moving. With ``--write-every S`` it

@@ -17,10 +17,10 @@ import re
 import signal
 import threading
 import time
-import uuid
 from dataclasses import asdict
 
 from . import faults
+from .common import new_cluster_name
 from .loadgen import Load, LoadSpec, measure_capacity
 from .recovery_settings import BenchSettings
 from .recovery_timeline import (
@@ -155,20 +155,20 @@ def run_once(s: BenchSettings, mode: str, log_dir: str, prompts, expected, say) 
 
 
 def _runtime(s: BenchSettings, mode: str):
+    """The cluster of one run: the bench's resolved settings, the fabric of ``mode``."""
     from eep.config import RuntimeConfig
     from eep.model.config import ModelConfig
-    from eep.placement import two_replica_experts_per_slot
 
-    num_experts = ModelConfig.from_dir(s.model_path).num_experts
-    return RuntimeConfig(
-        cluster=f"bench-{mode[:4]}-{uuid.uuid4().hex[:6]}",
-        model_path=s.model_path,
-        num_slots=s.num_slots,
-        experts_per_slot=two_replica_experts_per_slot(num_experts, s.num_slots),
+    return RuntimeConfig.for_cluster(
+        new_cluster_name(f"bench-{mode[:4]}"),
+        s.model_path,
+        s.num_slots,
+        num_experts=ModelConfig.from_dir(s.model_path).num_experts,
         device=s.device,
         dtype=s.dtype,
-        ttl_s=s.ttl_s,
         fabric=s.fabric(mode),
+        baseline=mode == "baseline",
+        ttl_s=s.ttl_s,
         exchange_timeout_s=s.exchange_timeout_s,
         cuda_graphs=s.cuda_graphs,
         max_num_seqs=s.max_num_seqs,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from eep.config import default_fabric
+
 MODES = ("elastic", "baseline")
 
 
@@ -75,9 +77,7 @@ class BenchSettings:
 
     def fabric(self, mode: str) -> str:
         """CPU: shm in both modes; GPU: the Triton kernels (symm), the baseline on NCCL."""
-        if self.device == "cpu":
-            return "shm"
-        return "nccl" if mode == "baseline" else "symm"
+        return default_fabric(self.device, baseline=mode == "baseline")
 
 
 def _slots_text(slots) -> str:

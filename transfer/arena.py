@@ -101,8 +101,7 @@ class ArenaLayout:
 class Arena:
     """One allocation holding a layout's tensors (or fixed-size KV blocks).
 
-    ``device``: ``cpu`` or ``cuda:N``. CPU arenas are page-aligned host memory (pinned when
-    ``pin`` and CUDA is present). Register once with a transport, publish :attr:`region`.
+    ``device``: ``cpu`` or ``cuda:N``. Register once with a transport, publish :attr:`region`.
     """
 
     def __init__(
@@ -110,15 +109,11 @@ class Arena:
         name: str,
         layout: ArenaLayout,
         device: str | torch.device = "cpu",
-        pin: bool = False,
         block_nbytes: int = 0,
     ) -> None:
         self.name, self.layout, self.block_nbytes = name, layout, block_nbytes
         self.device = torch.device(device)
-        pin = pin and self.device.type == "cpu" and torch.cuda.is_available()
-        self.buffer = torch.empty(
-            layout.nbytes, dtype=torch.uint8, device=self.device, pin_memory=pin
-        )
+        self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
         self._transport = None
         self.ipc = ""
 

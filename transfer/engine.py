@@ -24,75 +24,15 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 from .config import TransferConfig
 from .errors import EngineError, PeerUnreachable, TransferFailed
+from .transport import Op, PeerRef, Poll, Region, Ticket
+
+# the transports' shared types, importable from here as before
+__all__ = ["MooncakeTransport", "Op", "PeerRef", "Poll", "Region", "Ticket", "start_transport"]
 
 log = logging.getLogger(__name__)
-
-
-class Op(Enum):
-    READ = "read"
-    WRITE = "write"
-
-
-class Poll(Enum):
-    PENDING = 0
-    DONE = 1
-    FAILED = -1
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    """One registered region as peers see it (a manifest's ``arenas`` entry).
-
-    ``addr``/``nbytes``: the holder's virtual address range; ``medium``: ``device`` or
-    ``host``; ``device``: ``cpu`` or ``cuda:N``; ``ipc``: for ``cuda_ipc``, the hex of the
-    region's CUDA IPC handle and its offset from the allocation base (``<hex>@<offset>``).
-    ``block_nbytes``: for KV arenas, the size of one block (0 elsewhere).
-    """
-
-    name: str
-    addr: int
-    nbytes: int
-    medium: str = "host"
-    device: str = "cpu"
-    ipc: str = ""
-    block_nbytes: int = 0
-
-    def contains(self, addr: int, nbytes: int) -> bool:
-        return self.addr <= addr and addr + nbytes <= self.addr + self.nbytes
-
-
-@dataclass(frozen=True, slots=True)
-class PeerRef:
-    """What a process needs to reach one peer: its session (``host:port``), protocol, host
-    identity and registered regions. ``holder`` names it in errors and logs."""
-
-    holder: str
-    session: str
-    protocol: str
-    host_id: str
-    regions: tuple[Region, ...] = ()
-    pid: int = 0
-
-    def region(self, name: str) -> Region:
-        for r in self.regions:
-            if r.name == name:
-                return r
-        raise KeyError(name)
-
-
-@dataclass(slots=True)
-class Ticket:
-    """One asynchronous request in flight."""
-
-    peer: PeerRef
-    op: Op
-    nbytes: int
-    handle: object = None
-    done: bool = False
 
 
 def _protocol_env(protocol: str) -> dict[str, str]:

@@ -83,7 +83,7 @@ class LayoutMismatch(ManifestError):
 
 
 class NoSource(TransferError):
-    """Some wanted tensors have no live holder, no backup and no checkpoint copy."""
+    """Some wanted tensors have no live holder and no checkpoint copy."""
 
     def __init__(self, names: list[str], tried: str) -> None:
         shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")

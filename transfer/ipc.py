@@ -2,11 +2,12 @@
 
 Why it exists: the lent GPU machine has no RDMA NICs, and Mooncake's intra-host NVLink
 transport is only installed when ``MC_INTRANODE_NVLINK`` is set (see ``engine``); this path
-needs nothing but the CUDA driver. A holder exports one IPC handle per registered arena (the
-handle goes into its manifest's region, ``ipc = "<hex>@<offset from allocation base>"``); a
-reader opens it once (``cuIpcOpenMemHandle`` with lazy peer access) and copies with
-``cuMemcpyAsync`` on one stream per holder, so reads from several holders run on several copy
-engines at once. Completion is an event per request, polled without blocking.
+needs nothing but the CUDA driver (``eep.cuda_driver``). A holder exports one IPC handle per
+registered arena (the handle goes into its manifest's region,
+``ipc = "<hex>@<offset from allocation base>"``); a reader opens it once
+(``cuIpcOpenMemHandle`` with lazy peer access) and copies with ``cuMemcpyAsync`` on one stream
+per holder, so reads from several holders run on several copy engines at once. Completion is
+an event per request, polled without blocking.
 
 An IPC mapping keeps the holder's memory alive after the holder dies, so a dead holder's
 bytes stay readable; its death is noticed through etcd (lease, manifest) instead.
@@ -15,7 +16,6 @@ bytes stay readable; its death is noticed through etcd (lease, manifest) instead
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import threading
@@ -25,57 +25,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eep.cuda_driver import (
+    HANDLE_BYTES,
+    LAZY_ENABLE_PEER_ACCESS,
+    CudaDriverMissing,
+    IpcHandle,
+    cuda_error,
+    load_driver,
+)
+
 from .config import TransferConfig
-from .engine import Op, PeerRef, Poll, Region, Ticket
 from .errors import EngineError, PeerUnreachable, SourceTimeout, TransferFailed
+from .transport import Op, PeerRef, Poll, Region, Ticket
 
 log = logging.getLogger(__name__)
-
-HANDLE_BYTES = 64
-LAZY_ENABLE_PEER_ACCESS = 1
-
-
-class IpcHandle(ctypes.Structure):
-    """A ``CUipcMemHandle`` (64 opaque bytes)."""
-
-    _fields_ = [("reserved", ctypes.c_ubyte * HANDLE_BYTES)]  # c_char would stop at NUL
-
-
-@functools.cache
-def load_driver():
-    """``libcuda`` with the signatures of every call this project makes through ctypes (the
-    transfer path here and the ``symm`` fabric's buffers in ``eep.kernels.ipc_buffer``)."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        raise EngineError("CUDA IPC needs the CUDA driver (libcuda.so.1); none found.") from exc
-    u64, p = ctypes.c_uint64, ctypes.POINTER
-    sigs = {
-        "cuMemGetAddressRange_v2": [p(u64), p(ctypes.c_size_t), u64],
-        "cuMemAlloc_v2": [p(u64), ctypes.c_size_t],
-        "cuMemFree_v2": [u64],
-        "cuMemsetD8_v2": [u64, ctypes.c_ubyte, ctypes.c_size_t],
-        "cuIpcGetMemHandle": [p(IpcHandle), u64],
-        "cuIpcOpenMemHandle_v2": [p(u64), IpcHandle, ctypes.c_uint],
-        "cuIpcCloseMemHandle": [u64],
-        "cuMemcpyAsync": [u64, u64, ctypes.c_size_t, ctypes.c_void_p],
-        "cuCtxGetCurrent": [p(ctypes.c_void_p)],
-        "cuCtxSetCurrent": [ctypes.c_void_p],
-        "cuCtxSynchronize": [],
-        "cuDevicePrimaryCtxRetain": [p(ctypes.c_void_p), ctypes.c_int],
-        "cuGetErrorString": [ctypes.c_int, p(ctypes.c_char_p)],
-    }
-    for name, args in sigs.items():
-        fn = getattr(cuda, name)
-        fn.argtypes, fn.restype = args, ctypes.c_int
-    return cuda
-
-
-def cuda_error(rc: int) -> str:
-    """``CUDA error <rc> (<driver's text>)``."""
-    msg = ctypes.c_char_p()
-    load_driver().cuGetErrorString(rc, ctypes.byref(msg))
-    return f"CUDA error {rc} ({(msg.value or b'?').decode()})"
 
 
 @dataclass
@@ -96,7 +59,10 @@ class IpcTransport:
         if not torch.cuda.is_available():
             raise EngineError("protocol cuda_ipc needs a CUDA GPU; use tcp on CPU machines.")
         self = cls(config=config, session=f"{config.hostname}:ipc:{os.getpid()}")
-        self._cu = load_driver()
+        try:
+            self._cu = load_driver()
+        except CudaDriverMissing as exc:
+            raise EngineError(str(exc)) from exc
         self._device = torch.cuda.current_device()
         torch.cuda.init()
         return self

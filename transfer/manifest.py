@@ -1,9 +1,8 @@
 """Manifests: where each tensor lies in a holder's arenas, with its checksum, in etcd.
 
-Key: ``/eep/<cluster>/manifests/<holder>``, where ``holder`` is the slot number for a rank and
-``backup-<name>`` for a host-memory backup holder. A rank writes its manifest under its slot's
-lease, so a dead rank's manifest disappears with the lease; the executor still re-plans around
-a holder that dies before that.
+Key: ``/eep/<cluster>/manifests/<holder>``, where ``holder`` is the rank's slot number. A rank
+writes its manifest under its slot's lease, so a dead rank's manifest disappears with the
+lease; the executor still re-plans around a holder that dies before that.
 
 Value (JSON)::
 
@@ -31,8 +30,6 @@ from .engine import PeerRef, Region
 from .errors import ManifestError, MissingManifest, UnknownSlot
 
 log = logging.getLogger(__name__)
-
-BACKUP_PREFIX = "backup-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +66,6 @@ class Manifest:
         return PeerRef(
             self.holder, self.session, self.protocol, self.host_id, self.regions, self.pid
         )
-
-    @property
-    def is_backup(self) -> bool:
-        """A backup holder (``backup-<name>``: a host-memory copy), not a serving rank."""
-        return self.holder.startswith(BACKUP_PREFIX)
 
     def region(self, name: str) -> Region:
         return self.peer.region(name)
@@ -180,13 +172,11 @@ class ManifestStore:
 
     def _check_holder(self, holder: str | int) -> str:
         holder = str(holder)
-        if holder.startswith(BACKUP_PREFIX) and len(holder) > len(BACKUP_PREFIX):
-            return holder
         if not holder.isdigit() or (self.num_slots is not None and int(holder) >= self.num_slots):
             bound = f"[0, {self.num_slots})" if self.num_slots is not None else "0, 1, ..."
             raise UnknownSlot(
                 f"slot {holder!r} is not a slot of cluster {self.keys.cluster!r} (slots are "
-                f"{bound}; backup holders are named 'backup-<name>'). Check the slot number."
+                f"{bound}). Check the slot number."
             )
         return holder
 

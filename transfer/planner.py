@@ -1,13 +1,13 @@
 """The transfer planner: pure, deterministic, no I/O.
 
 Given the tensors a slot wants (its local layout) and the live manifests, assign every
-tensor to one source, in tiers: a live rank that holds it on a device (GPU to GPU), else a
-host-memory backup holder, else the checkpoint on disk. Within a tier the bytes are spread
-over the holders to use their aggregate bandwidth: in arena order, each tensor stays with the
-holder of its predecessor while that holder is under its fair share of the bytes (so runs of
-neighbours travel as one request), else goes to the holder that would finish it earliest,
-where a holder on another host counts ``remote_weight`` times as fast as one on the same host
-(so same-host holders are preferred, but not to the point of leaving a remote one idle).
+tensor to one source: a live rank that holds it (GPU to GPU), else the checkpoint on disk.
+The bytes are spread over the holders to use their aggregate bandwidth: in arena order, each
+tensor stays with the holder of its predecessor while that holder is under its fair share of
+the bytes (so runs of neighbours travel as one request), else goes to the holder that would
+finish it earliest, where a holder on another host counts ``remote_weight`` times as fast as
+one on the same host (so same-host holders are preferred, but not to the point of leaving a
+remote one idle).
 
 A tensor stays whole on one holder, so a checksum mismatch names one holder. The executor
 calls this again, with exclusions, whenever a holder dies, hangs, or sends bad bytes.
@@ -25,10 +25,10 @@ from .manifest import Manifest
 
 
 class Tier(Enum):
+    """Where the holder of a read is, seen from the pulling slot."""
+
     SAME_HOST = 0
     OTHER_HOST = 1
-    BACKUP = 2
-    DISK = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +94,7 @@ def _fair_shares(targets, usable: list[Manifest], weight: dict[str, float]) -> d
     """Bytes each holder would carry if every holder of a tensor shared it by bandwidth."""
     share = {m.holder: 0.0 for m in usable}
     for t in targets:
-        pool = [m for m in usable if t.name in m.tensors and not m.is_backup] or [
-            m for m in usable if t.name in m.tensors
-        ]
+        pool = [m for m in usable if t.name in m.tensors]
         total_w = sum(weight[m.holder] for m in pool)
         for m in pool:
             share[m.holder] += t.nbytes * weight[m.holder] / total_w
@@ -119,7 +117,7 @@ def plan_pull(
     use at all (dead, hung, or this slot's own stale manifest). ``exclude_pairs``:
     ``(holder, tensor)`` pairs whose bytes failed their checksum. Raises
     :class:`LayoutMismatch` when a usable holder describes a target differently, and
-    :class:`NoSource` when a target has no source in any tier.
+    :class:`NoSource` when a target has no source, neither a holder nor the checkpoint.
     """
     usable = [m for m in manifests if m.holder not in set(exclude_holders)]
     usable.sort(key=lambda m: m.holder)
@@ -133,25 +131,17 @@ def plan_pull(
     prev = None
     for t in sorted(targets, key=lambda s: (s.offset, s.name)):
         holders = [m for m in usable if t.name in m.tensors and (m.holder, t.name) not in bad]
-        device = [m for m in holders if not m.is_backup]
-        tier_pool = device or [m for m in holders if m.is_backup]
-        if tier_pool:
+        if holders:
             best = min(
-                tier_pool, key=lambda m: ((load[m.holder] + t.nbytes) / weight[m.holder], m.holder)
+                holders, key=lambda m: ((load[m.holder] + t.nbytes) / weight[m.holder], m.holder)
             )
             # stay with the previous holder while it is under its share: neighbours in the
             # arena then travel as one request (the executor coalesces them)
-            if prev in tier_pool and load[prev.holder] + t.nbytes <= share[prev.holder]:
+            if prev in holders and load[prev.holder] + t.nbytes <= share[prev.holder]:
                 best = prev
             prev = best
             load[best.holder] += t.nbytes
-            tier = (
-                Tier.BACKUP
-                if best.is_backup
-                else Tier.SAME_HOST
-                if best.host_id == local_host
-                else Tier.OTHER_HOST
-            )
+            tier = Tier.SAME_HOST if best.host_id == local_host else Tier.OTHER_HOST
             reads.append(
                 ReadOp(
                     t.name,

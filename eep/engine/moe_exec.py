@@ -1,7 +1,9 @@
 """How an MoE layer reaches its experts: all local, or through a fabric.
 
-Both paths combine the same way (``weighted_sum``: the top-k outputs summed in ``k`` order),
-so a multi-rank run and a single-process run differ only in where each expert ran.
+Both paths combine the same way (``weighted_sum``: the top-k outputs summed in ``k`` order)
+and run experts on CUDA with the same tiles (``expert_tiles``), both from
+``eep.kernels.experts``, so a multi-rank run and a single-process run differ only in where
+each expert ran.
 """
 
 from __future__ import annotations
@@ -10,23 +12,10 @@ from typing import Protocol
 
 import torch
 
+from eep.fabrics.base import Fabric
+from eep.kernels.experts import expert_tiles, weighted_sum
 from eep.kernels.reference import select_replicas_ref
 from eep.model.moe import MoEBlock
-
-
-def weighted_sum(per_k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``per_k`` ``[T * K, H]`` expert outputs, ``weights`` ``[T, K]`` -> ``[T, H]``."""
-    k = weights.shape[1]
-    return (per_k.view(-1, k, per_k.shape[-1]) * weights.to(per_k.dtype).unsqueeze(-1)).sum(1)
-
-
-def expert_tiles():
-    """The grouped GEMM's tiles for every expert MLP on CUDA, whatever the batch: one tile
-    shape means one reduction order per row, so a row's result does not depend on how many
-    rows ran beside it or on which path (fabric buffer or ``run_experts``) ran it."""
-    from eep.kernels.grouped_gemm import DECODE_TILES  # defines Triton kernels: CUDA only
-
-    return DECODE_TILES
 
 
 def run_experts(moe: MoEBlock, x: torch.Tensor, local_idx: torch.Tensor) -> torch.Tensor:
@@ -89,15 +78,13 @@ class FabricMoE:
     experts on what arrived, combine. ``view`` supplies ``log2phy``, ``replica_count``,
     ``rank_mask`` and ``experts_per_slot`` of the view being served."""
 
-    def __init__(self, fabric, view):
+    def __init__(self, fabric: Fabric, view):
         self.fabric, self.view = fabric, view
 
     @property
     def graph_safe(self) -> bool:
-        """A layer never syncs the host, so CUDA graphs can record it: fabrics with
-        ``run_moe`` (``symm``) on a GPU."""
-        device = getattr(self.fabric, "device", None)
-        return hasattr(self.fabric, "run_moe") and device is not None and device.type == "cuda"
+        """A layer never syncs the host, so CUDA graphs can record it (``symm`` on a GPU)."""
+        return self.fabric.graph_safe
 
     def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor:
         topk_ids, weights = moe.route(x)
@@ -114,15 +101,9 @@ class FabricMoE:
             phy = select_replicas_ref(
                 topk_ids, v.log2phy, v.replica_count, v.rank_mask, v.experts_per_slot
             )
-        run_moe = getattr(self.fabric, "run_moe", None)
-        if run_moe is not None and x.is_cuda:  # symm: no host sync in the layer
-            return run_moe(moe, x, phy, weights)
-        recv, handle = self.fabric.dispatch(x, phy, weights)
-        y = run_experts(moe, recv.x.to(x.dtype), recv.local_expert)
-        return self.fabric.combine(y, handle).to(x.dtype)
+        # dispatch, this slot's experts, combine (symm: all on the device, no host sync)
+        return self.fabric.run_moe(moe, x, phy, weights, run_experts)
 
     def end_step(self) -> None:
         """After the step's last layer: a fabric that checks once per step raises here."""
-        end = getattr(self.fabric, "end_step", None)
-        if end is not None:
-            end()
+        self.fabric.end_step()

@@ -6,28 +6,13 @@ request re-run on another rank (after a failure) draws exactly the same tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from eep.protocol import SamplingParams
+
+__all__ = ["SamplingParams", "sample"]
+
 _MASK = (1 << 63) - 1
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:

@@ -14,7 +14,7 @@ same order and the results are bit-identical across fabrics.
 No elasticity: the process group is formed once by every slot (rank = slot, world =
 ``num_slots``, rendezvous at a TCP store that slot 0 hosts) and :meth:`NcclFabric.apply_view`
 accepts only the full membership it started with. A missing peer is not survivable: on CPU
-(gloo) each collective is bounded by ``cfg.timeout_s`` and then raises
+(gloo) each collective is bounded by ``cfg.exchange_timeout_s`` and then raises
 :class:`CollectiveFailed`; on GPU (NCCL) the host only orders its stream after the collective,
 as an ordinary NCCL EP layer does, and a collective that never completes hangs until NCCL's
 watchdog aborts the process at the group's timeout (``init_timeout_s``, at least
@@ -33,15 +33,16 @@ zero-row splits included), so the CPU and GPU paths are the same code.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from eep.engine.moe_exec import weighted_sum
+from eep.kernels.experts import weighted_sum
 
-from .base import FabricConfig
+from .base import Fabric, FabricConfig
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def plan_sends(
 NCCL_MIN_TIMEOUT_S = 60.0
 
 
-class NcclFabric:
+class NcclFabric(Fabric):
     """Dispatch/combine of one slot over the default process group (see the module docstring).
 
     ``device``: where tensors live (``cpu``: the group must be gloo; ``cuda:i``: NCCL).
@@ -163,10 +164,19 @@ class NcclFabric:
         self._owns_group = ensure_process_group(
             store_addr, slot, cfg.num_slots, backend, max(init_timeout_s, floor), self.device
         )
-        self._timeout = timedelta(seconds=cfg.timeout_s)  # gloo's per-collective bound
+        self._timeout = timedelta(seconds=cfg.exchange_timeout_s)  # gloo's per-collective bound
         self._row_bytes = cfg.hidden * torch.empty((), dtype=cfg.dtype).element_size()
         self.epoch, self.members = 0, ()
         self._incarnations: dict[int, int] | None = None
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    def warm_up(self, run: Callable[[], object] | None = None) -> None:
+        """Nothing: a step is collective, so none runs without every peer."""
+
+    def export(self) -> None:
+        """Nothing to publish: peers meet in the process group."""
+        return None
 
     # --- views -----------------------------------------------------------------------------
 
@@ -188,12 +198,23 @@ class NcclFabric:
         self._incarnations = dict(members)
         self.epoch, self.members = epoch, tuple(sorted(members))
 
+    def peers_started(self) -> None:
+        """Cannot tell: a collective shows nothing before every rank joins it."""
+        return None
+
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False
 
     # --- the exchange ----------------------------------------------------------------------
+
+    @property
+    def graph_safe(self) -> bool:
+        return False  # the split sizes reach the host before the rows are exchanged
+
+    def end_step(self) -> None:
+        """Nothing: every collective raises on its own (:class:`CollectiveFailed`)."""
 
     def dispatch(
         self, x: torch.Tensor, topk_phy: torch.Tensor, topk_weights: torch.Tensor

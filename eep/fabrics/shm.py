@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ExchangeFailed, FabricConfig, FailureReason, make_tag, tag_epoch
+from .base import ExchangeFailed, Fabric, FabricConfig, FailureReason, make_tag, tag_epoch
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class ShmHandle:
     seq: int
 
 
-class ShmFabric:
+class ShmFabric(Fabric):
     """Dispatch/combine of one slot. Call :meth:`apply_view` before the first exchange and at
     every step boundary where a new view arrives.
 
@@ -193,6 +193,17 @@ class ShmFabric:
         self.own = _Segment(segment_path(cluster, slot, incarnation), cfg, create=True)
         self.peers: dict[int, tuple[int, _Segment]] = {slot: (incarnation, self.own)}
         self.epoch, self.seq, self.members = 0, 0, ()
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    def warm_up(self, run: Callable[[], object] | None = None) -> None:
+        """Nothing: an exchange waits for every live peer, so no step runs alone (the CPU
+        path compiles nothing either)."""
+
+    def export(self) -> None:
+        """Nothing to publish: peers open this slot's segment by its name (cluster, slot,
+        incarnation)."""
+        return None
 
     # --- views -----------------------------------------------------------------------------
 
@@ -235,6 +246,13 @@ class ShmFabric:
         return any(self.own.dispatch[s].tag() == tag for s in self.members if s != self.slot)
 
     # --- the exchange ----------------------------------------------------------------------
+
+    @property
+    def graph_safe(self) -> bool:
+        return False  # host tensors, host waits
+
+    def end_step(self) -> None:
+        """Nothing: every exchange checks its own senders (and raises) as it waits."""
 
     def dispatch(
         self, x: torch.Tensor, topk_phy: torch.Tensor, topk_weights: torch.Tensor
@@ -307,7 +325,7 @@ class ShmFabric:
             self._wait_unchecked(boxes, tag)
             return
         pending = dict(boxes)
-        deadline = time.monotonic() + self.cfg.timeout_s
+        deadline = time.monotonic() + self.cfg.exchange_timeout_s
         spins = 0
         while True:
             for sender, box in list(pending.items()):

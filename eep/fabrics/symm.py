@@ -29,17 +29,15 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.engine.moe_exec import expert_tiles, weighted_sum
 from eep.kernels.config import EpConfig
+from eep.kernels.experts import expert_tiles, weighted_sum
 from eep.kernels.view import DeviceView
 
-from .base import ExchangeFailed, FabricConfig, FailureReason
+from .base import ExchangeFailed, Fabric, FabricConfig, FailureReason, PeerInfo, RunExperts
 
 log = logging.getLogger(__name__)
 
 _STATUS_TIMEOUT, _STATUS_NEWER_EPOCH = 1, 2  # eep.kernels.ep_comm_kernels (needs Triton)
-
-PeerInfo = Callable[[int, int], "dict | None"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ def device_view_for(num_slots: int, device: torch.device | str) -> DeviceView:
     return DeviceView.create(torch.zeros(num_slots), torch.full((1, 1), -1), [0], 0, device)
 
 
-class SymmFabric:
+class SymmFabric(Fabric):
     """Dispatch/combine of one slot over an :class:`IpcEpBuffer`. ``view`` is the
     ``DeviceView`` the kernels read, shared with the engine's ``ViewState`` where captured
     graphs must see one set of tensors; ``peer_info(slot, incarnation)`` returns that
@@ -115,7 +113,7 @@ class SymmFabric:
             topk=cfg.topk,
             max_tokens=cfg.max_tokens,
             dtype=cfg.dtype,
-            timeout_us=max(1, int(cfg.timeout_s * 1e6)),
+            exchange_timeout_s=cfg.exchange_timeout_s,
             elastic=elastic,
         )
         if buffer is None:
@@ -129,11 +127,11 @@ class SymmFabric:
         self.epoch, self.members = 0, ()
         self._incarnations: dict[int, int] = {}  # the incarnation mapped per peer slot
 
+    # --- start-up ----------------------------------------------------------------------------
+
     def export(self) -> dict:
         """What a peer's ``peer_info`` must return for this slot (JSON-able); IPC only."""
         return self.buf.export()
-
-    # --- views -----------------------------------------------------------------------------
 
     def warm_up(self, run: Callable[[], object] | None = None) -> None:
         """Compiles the kernels alone, before the first view: ``run`` (default: one exchange
@@ -165,6 +163,8 @@ class SymmFabric:
         self.view.epoch.copy_(saved_epoch)
         self.buf.set_step(0)
         self.buf.reset_step_status()
+
+    # --- views -----------------------------------------------------------------------------
 
     def apply_view(self, epoch: int, members: dict[int, int]) -> None:
         """Serve ``epoch`` with ``members`` (``{slot: incarnation}``): new incarnations
@@ -202,9 +202,13 @@ class SymmFabric:
         self.epoch, self.members = epoch, tuple(live)
         log.debug("slot %d: symm fabric serves epoch %d with %s", self.slot, epoch, self.members)
 
+    def peers_started(self) -> None:
+        """Cannot tell without a host sync on the device flags: every live slot steps."""
+        return None
+
     def close(self) -> None:
         """Unmaps the peers and frees the buffer (after every peer stopped sending)."""
-        if self.buf is not None and hasattr(self.buf, "close"):
+        if self.buf is not None:
             self.buf.close()
         self.buf = None
 
@@ -213,6 +217,10 @@ class SymmFabric:
             torch.cuda.synchronize(self.device)
 
     # --- the step --------------------------------------------------------------------------
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.device.type == "cuda"  # run_moe keeps row counts and status on the device
 
     def end_step(self) -> None:
         """Once per engine step, after its last exchange: raises :class:`ExchangeFailed` if
@@ -226,15 +234,21 @@ class SymmFabric:
         suspects = tuple(self.buf.step_suspects.nonzero().view(-1).tolist())
         self.buf.reset_step_status()
         if status & _STATUS_NEWER_EPOCH:
-            flags = torch.cat([self.buf._dispatch_flag, self.buf._combine_flag])
-            seen = max(self.newest_epoch(), int((flags >> 32).max()))
+            seen = max(self.newest_epoch(), self.buf.newest_flag_epoch())
             raise ExchangeFailed(FailureReason.NEWER_EPOCH, self.epoch, newer_epoch=seen)
         raise ExchangeFailed(FailureReason.TIMEOUT, self.epoch, suspects)
 
     def run_moe(
-        self, moe, x: torch.Tensor, topk_phy: torch.Tensor, topk_weights: torch.Tensor
+        self,
+        moe,
+        x: torch.Tensor,
+        topk_phy: torch.Tensor,
+        topk_weights: torch.Tensor,
+        run_experts: RunExperts | None = None,
     ) -> torch.Tensor:
-        """One MoE layer without a host sync: ``x`` ``[T, H]`` -> ``[T, H]`` (``x.dtype``)."""
+        """One MoE layer without a host sync: ``x`` ``[T, H]`` -> ``[T, H]`` (``x.dtype``).
+        The experts run as the grouped SwiGLU GEMM on the receive buffer, the kernel and tiles
+        the engine's ``run_experts`` uses on CUDA, so ``run_experts`` itself is not called."""
         from eep.kernels.grouped_gemm import grouped_swiglu
 
         cfg, tiles = self.cfg, expert_tiles()
@@ -279,8 +293,7 @@ class SymmFabric:
     def _combine_rows(self, y: torch.Tensor, kh) -> torch.Tensor:
         cfg = self.cfg
         self.buf.combine_send(y, kh)
-        self.buf._launch_wait(is_dispatch=False)  # the wait half of combine_recv
-        per_k = self.buf._combine_buf[: kh.num_tokens * cfg.topk]
+        per_k = self.buf.combine_recv_rows(kh)
         # Dropped entries (-1) hold stale rows. So do entries of a suspect slot, but a suspect
         # fails the step (end_step), and routing never picks a slot outside the mask: with
         # checks on or off, only the dropped ones need masking here.

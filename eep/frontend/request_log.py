@@ -12,7 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from eep.engine.sampling import SamplingParams
+from eep.protocol import SamplingParams
 
 
 class RequestState(enum.Enum):

@@ -2,6 +2,6 @@
 
 import sys
 
-from eep.tools.rank_cli import main
+from eep.rank.cli import main
 
 sys.exit(main())

@@ -5,27 +5,26 @@ from __future__ import annotations
 import json
 import os
 import signal
-import uuid
 
 import pytest
 import requests
 import torch
 
-from eep.config import RuntimeConfig
+from eep.config import RuntimeConfig, default_dtype
 from eep.engine.reference import single_process_outputs
 from eep.engine.sampling import SamplingParams
 from eep.launcher import Cluster, ClusterOptions
 from eep.model.config import ModelConfig
 from eep.model.random_weights import write_random_checkpoint
-from eep.placement import two_replica_experts_per_slot
 from eep.tools import faults
+from eep.tools.common import new_cluster_name
 from eep.tools.loadgen import Load, LoadSpec, prompts_for
 
 __all__ = ["prompts_for"]  # re-exported for the e2e tests
 
 # float64 on the CPU: a rank batches other requests than the single-process reference does,
 # and in float64 those different summation orders cannot flip a greedy token.
-DTYPE = "float64"
+DTYPE = default_dtype("cpu", exact=True)
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +42,14 @@ def start_cluster(
     baseline: bool = False,
     cuda_graphs: bool = False,
 ) -> Cluster:
-    cfg = RuntimeConfig(
-        cluster=f"e2e-{uuid.uuid4().hex[:6]}",
-        model_path=model_dir,
-        num_slots=slots,
-        experts_per_slot=two_replica_experts_per_slot(ModelConfig.tiny().num_experts, slots),
+    cfg = RuntimeConfig.for_cluster(
+        new_cluster_name("e2e"),
+        model_dir,
+        slots,
+        num_experts=ModelConfig.tiny().num_experts,
         dtype=DTYPE,
+        baseline=baseline,
         ttl_s=2,
-        exchange_timeout_s=2.0,
         cuda_graphs=cuda_graphs,
     )
     opts = ClusterOptions(cfg, torchrun=torchrun, log_dir=str(tmp_path), baseline=baseline)

@@ -11,7 +11,15 @@ import torch
 from eep.fabrics.base import ExchangeFailed, FabricConfig
 from eep.fabrics.shm import ShmFabric
 
-CFG = FabricConfig(num_slots=4, experts_per_slot=2, hidden=8, topk=2, max_tokens=6, timeout_s=2.0)
+CFG = FabricConfig(
+    num_slots=4,
+    experts_per_slot=2,
+    hidden=8,
+    topk=2,
+    max_tokens=6,
+    dtype=torch.float32,
+    exchange_timeout_s=2.0,
+)
 
 
 def inputs(slot: int, round_: int, members: tuple[int, ...]):

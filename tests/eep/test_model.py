@@ -18,7 +18,7 @@ from eep.model import (
     write_random_checkpoint,
 )
 from eep.model.layers import causal_attention
-from eep.model.loader import hf_name
+from eep.model.qwen3_moe import hf_name
 
 # fp32 on CPU: our ops and transformers' differ only in summation order (measured ~3e-6)
 ATOL = RTOL = 1e-4

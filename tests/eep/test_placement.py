@@ -10,11 +10,17 @@ import pytest
 from eep.placement import (
     Placement,
     PlacementError,
-    Source,
     add_slot,
     initial_placement,
     repair,
 )
+
+
+def _orphaned_by(p: Placement, slot: int) -> tuple[int, ...]:
+    """The experts that would be orphaned if ``slot`` died now."""
+    count = p.replica_count
+    return tuple(sorted(e for e in p.slot_experts(slot) if e >= 0 and count[e] == 1))
+
 
 # --- known answers ---------------------------------------------------------------------------
 
@@ -24,7 +30,7 @@ def test_double_capacity_gives_every_expert_two_replicas_on_distinct_slots():
     assert p.phy2log == (0, 2, 0, 2, 1, 3, 1, 3)
     assert p.replica_count == [2, 2, 2, 2]
     assert p.log2phy == [[0, 2], [4, 6], [1, 3], [5, 7]]
-    assert all(p.orphaned_by(s) == () for s in p.slots)
+    assert all(_orphaned_by(p, s) == () for s in p.slots)
 
 
 def test_spare_replicas_go_to_the_most_loaded_experts():
@@ -38,23 +44,15 @@ def test_spare_replicas_go_to_the_most_loaded_experts():
 def test_without_double_capacity_singletons_are_spread_over_slots():
     p = initial_placement(8, 4, 3)  # 4 singletons: one orphan at most per failure
     assert p.phy2log == (0, 2, 4, 0, 2, 5, 1, 3, 6, 1, 3, 7)
-    assert [p.orphaned_by(s) for s in p.slots] == [(4,), (5,), (6,), (7,)]
+    assert [_orphaned_by(p, s) for s in p.slots] == [(4,), (5,), (6,), (7,)]
 
 
-def test_repair_rehomes_an_orphan_over_a_redundant_replica_from_the_checkpoint():
+def test_repair_rehomes_an_orphan_over_a_redundant_replica():
     p = initial_placement(8, 4, 3)
     plan = repair(p, live_slots=[0, 1, 3])
     assert plan.placement.phy2log == (6, 2, 4, 0, 2, 5, -1, -1, -1, 1, 3, 7)
-    assert [(m.expert, m.dst_phy, m.source, m.src_phy) for m in plan.moves] == [
-        (6, 0, Source.CHECKPOINT, -1)
-    ]
     assert plan.orphaned == ()
     assert plan.placement.live == (0, 1, 3)
-
-
-def test_repair_prefers_a_host_backup_over_the_checkpoint():
-    plan = repair(initial_placement(8, 4, 3), [0, 1, 3], backups={6})
-    assert [m.source for m in plan.moves] == [Source.BACKUP]
 
 
 def test_repair_without_capacity_reports_the_degraded_experts():
@@ -62,23 +60,15 @@ def test_repair_without_capacity_reports_the_degraded_experts():
     plan = repair(p, [0])
     assert plan.placement.phy2log == (0, 3, -1, -1, -1, -1)
     assert plan.orphaned == (1, 2, 4, 5)
-    assert plan.moves == ()
 
 
-def test_a_returning_slot_gets_its_home_experts_back_from_live_replicas():
+def test_a_returning_slot_gets_its_home_experts_back():
     p = initial_placement(8, 4, 3)
     down = repair(p, [0, 1, 3]).placement
     plan = add_slot(down, 2)
+    # slot 0 gives expert 0 back its home position (expert 6 re-homed there is dropped)
     assert plan.placement == p
-    # slot 0 gives expert 0 back its home position (expert 6 re-homed there is dropped);
-    # slot 2 copies 1 and 3 from slot 3, and 6 from disk (its re-homed copy is overwritten)
-    got = [(m.expert, m.dst_phy, m.source, m.src_phy) for m in plan.moves]
-    assert got == [
-        (0, 0, Source.REPLICA, 3),
-        (1, 6, Source.REPLICA, 9),
-        (3, 7, Source.REPLICA, 10),
-        (6, 8, Source.CHECKPOINT, -1),
-    ]
+    assert plan.orphaned == ()
 
 
 def test_json_round_trip_and_bad_payloads():
@@ -133,7 +123,7 @@ def test_initial_placement_covers_every_expert_and_tolerates_one_failure_when_it
         _check_valid(p)
         assert min(p.replica_count) >= 1
         e, cap = p.num_experts, p.capacity
-        worst = max(len(p.orphaned_by(s)) for s in p.slots)
+        worst = max(len(_orphaned_by(p, s)) for s in p.slots)
         if cap >= 2 * e and p.num_slots >= 2:
             assert worst == 0
         else:  # the unavoidable singletons, spread evenly
@@ -154,8 +144,7 @@ def test_repair_after_any_single_failure_covers_every_expert_when_capacity_allow
 
 
 def _check_survivors_keep_what_they_hold(before: Placement, plan) -> None:
-    """A survivor's position changes only to re-home an orphan over a redundant replica, and
-    every move brings an expert that had no live replica left."""
+    """A survivor's position changes only to re-home an orphan over a redundant replica."""
     after = plan.placement
     orphaned_by_failure = {
         e
@@ -166,8 +155,6 @@ def _check_survivors_keep_what_they_hold(before: Placement, plan) -> None:
         if before.slot_of(p) in after.live and old != new:
             assert new in orphaned_by_failure
             assert old < 0 or after.replica_count[old] >= 1
-    assert {m.expert for m in plan.moves} <= orphaned_by_failure
-    assert all(m.source is not Source.REPLICA for m in plan.moves)
 
 
 def test_repeated_failures_and_returns_keep_invariants_and_end_at_home():
@@ -176,29 +163,16 @@ def test_repeated_failures_and_returns_keep_invariants_and_end_at_home():
         for _ in range(6):
             dead = [s for s in p.slots if s not in current.live]
             if dead and (rng.random() < 0.5 or len(current.live) == 1):
-                plan = add_slot(current, rng.choice(dead), backups={0})
+                plan = add_slot(current, rng.choice(dead))
             else:
                 survivors = [s for s in current.live if rng.random() < 0.8]
                 plan = repair(current, survivors)
             _check_valid(plan.placement)
-            _check_moves(current, plan)
             current = plan.placement
         for s in p.slots:
             if s not in current.live:
                 current = add_slot(current, s).placement
         assert current == p
-
-
-def _check_moves(before: Placement, plan) -> None:
-    """Moves are exactly the changed live positions; a replica source is left untouched."""
-    after = plan.placement
-    changed = {p for p, e in enumerate(after.phy2log) if e >= 0 and before.phy2log[p] != e}
-    assert {m.dst_phy for m in plan.moves} == changed
-    for m in plan.moves:
-        assert after.phy2log[m.dst_phy] == m.expert
-        if m.source is Source.REPLICA:
-            assert before.phy2log[m.src_phy] == after.phy2log[m.src_phy] == m.expert
-            assert before.slot_of(m.src_phy) in before.live
 
 
 def test_planning_is_deterministic():

@@ -63,3 +63,26 @@ def test_survivors_flag_a_killed_peer_and_keep_exchanging_in_the_next_view():
         assert kinds[5:] == ["ok"] * 2  # rounds 4 and 5 with slot 1 gone
         for _, r, got in events[5:]:
             assert torch.equal(torch.from_numpy(got), w.reference(slot, r, (0, 2)))
+
+
+def test_make_fabric_builds_a_fabric_and_refuses_a_wrong_device():
+    from eep.fabrics.base import Fabric, FabricMember
+    from eep.fabrics.factory import make_fabric
+
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    fabric = make_fabric("shm", w.CFG, FabricMember(cluster, 0, 1))
+    try:
+        assert isinstance(fabric, Fabric) and not fabric.graph_safe
+        assert fabric.export() is None
+        fabric.warm_up(lambda: pytest.fail("shm cannot step alone"))  # nothing to warm
+        fabric.apply_view(1, {0: 1})
+        assert fabric.peers_started() is False  # it can tell: no peer has started
+    finally:
+        fabric.close()
+        remove_segments(cluster)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        make_fabric("shm", w.CFG, FabricMember(cluster, 0, 1, device="cuda:0"))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make_fabric("symm", w.CFG, FabricMember(cluster, 0, 1, peer_info=lambda s, i: None))
+    with pytest.raises(ValueError, match="unknown fabric"):
+        make_fabric("rdma", w.CFG, FabricMember(cluster, 0, 1))

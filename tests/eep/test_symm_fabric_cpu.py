@@ -17,8 +17,8 @@ def _fabric(num_slots: int = 1, peer_info=lambda slot, inc: None):
     from eep.kernels.config import EpConfig
     from eep.kernels.fabric import EpFabric, FabricLayout
 
-    cfg = FabricConfig(num_slots, EPS, HIDDEN, TOPK, CAP, torch.float32, timeout_s=0.001)
-    ep = EpConfig(num_slots, EPS, HIDDEN, TOPK, CAP, torch.float32, timeout_us=1000)
+    cfg = FabricConfig(num_slots, EPS, HIDDEN, TOPK, CAP, torch.float32, exchange_timeout_s=1e-3)
+    ep = EpConfig(num_slots, EPS, HIDDEN, TOPK, CAP, torch.float32, exchange_timeout_s=1e-3)
     view = device_view_for(num_slots, "cpu")
     buf = torch.zeros(FabricLayout.for_config(ep).nbytes, dtype=torch.uint8)
     peer_base = torch.zeros(num_slots, dtype=torch.int64)
@@ -38,7 +38,8 @@ def _moe():
 
 
 def test_run_moe_equals_run_experts_grouped_and_the_step_is_valid():
-    from eep.engine.moe_exec import run_experts_grouped, weighted_sum
+    from eep.engine.moe_exec import run_experts_grouped
+    from eep.kernels.experts import weighted_sum
 
     fabric, moe = _fabric(), _moe()
     fabric.warm_up()

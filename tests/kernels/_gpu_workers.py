@@ -28,7 +28,7 @@ def _setup(
     world: int,
     hidden: int,
     max_tokens: int,
-    timeout_us: int = 200_000,
+    exchange_timeout_s: float = 0.2,
     placement: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     torch.cuda.set_device(rank)
@@ -39,7 +39,8 @@ def _setup(
         hidden=hidden,
         topk=TOPK,
         max_tokens=max_tokens,
-        timeout_us=timeout_us,
+        dtype=torch.bfloat16,
+        exchange_timeout_s=exchange_timeout_s,
     )
     experts = world * PER_SLOT
     log2phy, count = placement or (torch.arange(experts)[:, None], torch.ones(experts))
@@ -125,10 +126,10 @@ def exchange_worker(rank: int, world: int, hidden: int, max_tokens: int, tokens:
     return {"errors": errors, "step": buf.step.item()}
 
 
-def kill_worker(rank: int, world: int, victim: int, timeout_us: int):
+def kill_worker(rank: int, world: int, victim: int, exchange_timeout_s: float):
     """Two clean steps; then ``victim`` SIGKILLs itself; survivors must return within the
     timeout with it flagged, apply the view without it and keep exchanging exactly."""
-    cfg, buf = _setup(rank, world, 512, 64, timeout_us)
+    cfg, buf = _setup(rank, world, 512, 64, exchange_timeout_s)
     errors: list[str] = []
     everyone = list(range(world))
     for step in range(2):

@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLOTS, PER_SLOT, HIDDEN, TOPK, CAP = 3, 2, 24, 3, 10
 
 
-def _fabrics(elastic: bool = True, timeout_us: int = 30) -> list[EpFabric]:
+def _fabrics(elastic: bool = True, exchange_timeout_s: float = 30e-6) -> list[EpFabric]:
     cfg = EpConfig(
         num_slots=SLOTS,
         experts_per_slot=PER_SLOT,
@@ -29,7 +29,7 @@ def _fabrics(elastic: bool = True, timeout_us: int = 30) -> list[EpFabric]:
         topk=TOPK,
         max_tokens=CAP,
         dtype=torch.float32,
-        timeout_us=timeout_us,
+        exchange_timeout_s=exchange_timeout_s,
         elastic=elastic,
     )
     nbytes = FabricLayout.for_config(cfg).nbytes
@@ -103,7 +103,7 @@ def test_dispatch_and_combine_equal_the_reference_over_two_steps(elastic):
 
 def test_silent_peer_is_flagged_suspect_then_masked_and_survivors_keep_exchanging():
     gen = torch.Generator().manual_seed(2)
-    fabrics = _fabrics(timeout_us=20)
+    fabrics = _fabrics(exchange_timeout_s=20e-6)
     survivors = [0, 2]
     xs, phys, ws = _inputs(gen, [6, 5, 4], dead=frozenset({1}))
     for r in survivors:  # slot 1 never sends: it died
@@ -129,7 +129,7 @@ def test_silent_peer_is_flagged_suspect_then_masked_and_survivors_keep_exchangin
 
 def test_a_slot_that_timed_out_earlier_in_the_step_is_not_waited_for_again():
     gen = torch.Generator().manual_seed(4)
-    fabrics = _fabrics(timeout_us=10**9)  # waiting on slot 1 again would hang the test
+    fabrics = _fabrics(exchange_timeout_s=1e3)  # waiting on slot 1 again would hang the test
     survivors = [0, 2]
     for r in survivors:  # an earlier exchange of this engine step timed out on slot 1
         fabrics[r].step_suspects[1] = 1
@@ -146,7 +146,7 @@ def test_a_slot_that_timed_out_earlier_in_the_step_is_not_waited_for_again():
 
 def test_a_newer_epoch_abandons_the_step_without_waiting_for_the_timeout():
     gen = torch.Generator().manual_seed(3)
-    fabrics = _fabrics(timeout_us=10**9)  # a timeout would hang the test
+    fabrics = _fabrics(exchange_timeout_s=1e3)  # a timeout would hang the test
     xs, phys, ws = _inputs(gen, [3, 3, 3])
     fabrics[2].view.epoch.fill_(6)  # slot 2 already applied the next view
     for r in range(SLOTS):

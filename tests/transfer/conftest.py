@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
+from eep.tools.holder_proc import SourceSpec, serve
 from eep.transfer.config import TransferConfig
-from eep.transfer.source import SourceSpec, serve
 
 READY_TIMEOUT_S = 60.0
 

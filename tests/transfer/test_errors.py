@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from eep.tools.holder_proc import spec_tensors
 from eep.transfer.arena import Arena, ArenaLayout
 from eep.transfer.engine import PeerRef, Region
 from eep.transfer.errors import (
@@ -18,7 +19,6 @@ from eep.transfer.errors import (
 )
 from eep.transfer.executor import Puller
 from eep.transfer.manifest import Manifest, ManifestEntry, ManifestStore
-from eep.transfer.source import spec_tensors
 
 from .conftest import tcp_config
 
@@ -27,7 +27,7 @@ MiB = 1 << 20
 
 def test_unknown_slot_is_refused(etcd, cluster):
     store = ManifestStore(etcd, cluster, num_slots=4)
-    for bad in (4, "-1", "x", "backup-"):
+    for bad in (4, "-1", "x", "backup-a"):
         with pytest.raises(UnknownSlot, match="not a slot"):
             store.get(bad)
 

@@ -7,12 +7,12 @@ import signal
 import pytest
 import torch
 
+from eep.tools.holder_proc import fill_arena, spec_tensors
 from eep.transfer.arena import Arena, ArenaLayout
 from eep.transfer.config import TransferConfig
 from eep.transfer.engine import start_transport
 from eep.transfer.executor import Puller
 from eep.transfer.manifest import ManifestStore
-from eep.transfer.source import fill_arena, spec_tensors
 
 MiB = 1 << 20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eep.transfer.source import spec_tensors
+from eep.tools.holder_proc import spec_tensors
 
 
 def test_kv_blocks_migrated_between_processes_are_byte_identical(holders):

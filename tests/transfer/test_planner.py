@@ -51,13 +51,13 @@ def test_remote_holder_serves_when_no_same_host_holder_has_the_tensor():
     }
 
 
-def test_backup_then_disk_serve_only_what_no_live_rank_holds():
+def test_disk_serves_only_what_no_live_rank_holds():
     lay = _layout(3)
-    ms = [_manifest("0", lay, names={"e0"}), _manifest("backup-x", lay, names={"e0", "e1"})]
+    ms = [_manifest("0", lay, names={"e0"}), _manifest("1", lay, "h1", names={"e0", "e1"})]
     plan = plan_pull(lay.specs, ms, local_host="h0", checkpoint={"e0", "e1", "e2"})
     assert {(r.name, r.holder, r.tier) for r in plan.reads} == {
         ("e0", "0", Tier.SAME_HOST),
-        ("e1", "backup-x", Tier.BACKUP),
+        ("e1", "1", Tier.OTHER_HOST),
     }
     assert [d.name for d in plan.disk] == ["e2"]
 

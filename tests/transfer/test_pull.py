@@ -6,11 +6,11 @@ import signal
 
 import torch
 
+from eep.tools.holder_proc import fill_arena, spec_tensors
 from eep.transfer.arena import Arena, ArenaLayout
 from eep.transfer.checkpoint import Checkpoint, save_checkpoint
 from eep.transfer.executor import Puller
 from eep.transfer.manifest import ManifestStore
-from eep.transfer.source import fill_arena, spec_tensors
 
 from .conftest import tcp_config
 
@@ -132,20 +132,4 @@ def test_tensor_no_peer_holds_is_read_from_the_checkpoint(
     finally:
         arena.unregister()
     assert sorted(report.from_disk) == sorted(t[0] for t in tensors[4:])
-    assert torch.equal(arena.buffer, _original(tensors).buffer)
-
-
-def test_host_backup_serves_tensors_no_live_rank_holds(holders, transport, etcd, cluster):
-    tensors = spec_tensors(6, 1 * MiB)
-    cfg = tcp_config()
-    a = holders.start("0", tensors[:3])
-    bk = holders.start("backup-a", tensors)  # host memory: the backup tier
-    holders.wait_ready(a, bk)
-    arena = _fresh(tensors)
-    arena.register(transport)
-    try:
-        report = Puller(transport, arena, cfg).pull(ManifestStore(etcd, cluster).live())
-    finally:
-        arena.unregister()
-    assert report.bytes_by_holder["backup-a"] == sum(arena.layout[t[0]].nbytes for t in tensors[3:])
     assert torch.equal(arena.buffer, _original(tensors).buffer)

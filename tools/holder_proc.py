@@ -1,4 +1,5 @@
-"""A process that holds arenas and serves them to peers: the tests' and benchmarks' holders.
+"""A process that holds arenas and serves them to peers: the holders of the transfer tests and of
+``eep bench transfer`` (no runtime process uses it; a serving rank publishes its own arenas).
 
 :func:`serve` runs in a child process (``multiprocessing`` spawn): it allocates the weight arena
 (and optionally a KV arena), fills it with a per-tensor pattern (:func:`fill_pattern`),
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arena import Arena, ArenaLayout
-from .checksum import checksums
-from .config import TransferConfig
+from eep.transfer.arena import Arena, ArenaLayout
+from eep.transfer.checksum import checksums
+from eep.transfer.config import TransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,8 @@ def serve(spec: SourceSpec, conn) -> None:
     """The holder process's main (see the module docstring)."""
     os.environ.update(spec.env)
     from eep.membership.etcd import EtcdClient
-
-    from .engine import start_transport
-    from .manifest import ManifestStore, build_manifest
+    from eep.transfer.engine import start_transport
+    from eep.transfer.manifest import ManifestStore, build_manifest
 
     if spec.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(spec.device))
@@ -107,7 +107,7 @@ def serve(spec: SourceSpec, conn) -> None:
 
 
 def _answer(conn, spec: SourceSpec, transport, arena: Arena, kv: Arena | None, store) -> None:
-    from .kv import block_checksums, push_kv_blocks, verify_kv_blocks
+    from eep.transfer.kv import block_checksums, push_kv_blocks, verify_kv_blocks
 
     while conn.poll(spec.lifetime_s):
         try:

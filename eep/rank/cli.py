@@ -1,4 +1,9 @@
-"""Arguments of ``python -m eep.rank`` (the slot supervisor that torchrun starts)."""
+"""Arguments of ``python -m eep.rank``: the slot supervisor that torchrun starts, one per slot.
+
+The runtime's own command line, kept here so that ``eep.rank`` needs nothing from
+``eep.tools``. The etcd flags are the ones every ``eep`` command takes (same names, defaults
+and environment variables as ``eep.tools.common.add_etcd_arguments``).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,29 @@ import argparse
 import logging
 import os
 
-from eep.rank.supervisor import SupervisorConfig
-from eep.rank.supervisor import main as supervise
-
-from .common import add_etcd_arguments
+from .supervisor import SupervisorConfig
+from .supervisor import main as supervise
 
 
-def main(argv: list[str] | None = None) -> int:
-    agent = os.getppid()  # first: the supervisor stops with the agent that started it
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eep.rank",
         description="Supervise one slot: hold its etcd lease, run its worker, restart it. "
         "Usually started by `eep launch` through torchrun.",
     )
-    add_etcd_arguments(parser)
+    parser.add_argument(
+        "--etcd",
+        default=os.environ.get("EEP_ETCD", "127.0.0.1:2379"),
+        help="etcd endpoints, host:port[,host:port] (default: $EEP_ETCD or 127.0.0.1:2379)",
+    )
+    parser.add_argument(
+        "--cluster",
+        default=os.environ.get("EEP_CLUSTER", "default"),
+        help="cluster name: keys live under /eep/<cluster>/ (default: $EEP_CLUSTER or 'default')",
+    )
+    parser.add_argument(
+        "--etcd-timeout", type=float, default=2.0, metavar="S", help="per-request timeout (s)"
+    )
     parser.add_argument(
         "--slot", type=int, default=None, help="the slot (default: torchrun's LOCAL_RANK)"
     )
@@ -37,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the full-restart baseline: exit non-zero when the worker ends instead of "
         "restarting it, so a torchrun over every slot restarts them all",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    agent = os.getppid()  # first: the supervisor stops with the agent that started it
+    args = build_parser().parse_args(argv)
     slot = args.slot if args.slot is not None else int(os.environ.get("LOCAL_RANK", "0"))
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s supervisor{slot}: %(message)s"
