@@ -1,4 +1,5 @@
-"""Arguments every command shares, and the one place that reads ``EEP_*`` variables.
+"""Arguments every command shares (the etcd flags, which read ``EEP_*`` variables, come from
+:mod:`eep.membership.cli`).
 
 The commands that start a cluster (``eep launch``, ``eep demo``, ``eep bench recovery``,
 ``eep bench chaos``) take their cluster-shape flags from :func:`add_cluster_arguments` and
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import uuid
 from typing import Any
 
@@ -24,32 +24,9 @@ from eep.config import (
     default_cuda_graphs,
     default_exchange_timeout_s,
 )
+from eep.membership.cli import add_etcd_arguments  # noqa: F401 (the commands import it here)
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
-
-ENV_ETCD = "EEP_ETCD"
-ENV_CLUSTER = "EEP_CLUSTER"
-
-
-def env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--etcd",
-        default=env(ENV_ETCD, "127.0.0.1:2379"),
-        help="etcd endpoints, host:port[,host:port] (default: $EEP_ETCD or 127.0.0.1:2379)",
-    )
-    parser.add_argument(
-        "--cluster",
-        default=env(ENV_CLUSTER, "default"),
-        help="cluster name: keys live under /eep/<cluster>/ (default: $EEP_CLUSTER or 'default')",
-    )
-    parser.add_argument(
-        "--etcd-timeout", type=float, default=2.0, metavar="S", help="per-request timeout (s)"
-    )
-
 
 # the cluster-shape flags of the commands that start a cluster (eep launch, the demo, the
 # benches): each defined once here, with its default and help. name -> (flags, options)

@@ -1,8 +1,8 @@
 """Arguments of ``python -m eep.rank``: the slot supervisor that torchrun starts, one per slot.
 
 The runtime's own command line, kept here so that ``eep.rank`` needs nothing from
-``eep.tools``. The etcd flags are the ones every ``eep`` command takes (same names, defaults
-and environment variables as ``eep.tools.common.add_etcd_arguments``).
+``eep.tools``. The etcd flags are the ones every ``eep`` command takes
+(:func:`eep.membership.cli.add_etcd_arguments`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+
+from eep.config import DEFAULT_TTL_S
+from eep.membership.cli import add_etcd_arguments
 
 from .supervisor import SupervisorConfig
 from .supervisor import main as supervise
@@ -21,23 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Supervise one slot: hold its etcd lease, run its worker, restart it. "
         "Usually started by `eep launch` through torchrun.",
     )
-    parser.add_argument(
-        "--etcd",
-        default=os.environ.get("EEP_ETCD", "127.0.0.1:2379"),
-        help="etcd endpoints, host:port[,host:port] (default: $EEP_ETCD or 127.0.0.1:2379)",
-    )
-    parser.add_argument(
-        "--cluster",
-        default=os.environ.get("EEP_CLUSTER", "default"),
-        help="cluster name: keys live under /eep/<cluster>/ (default: $EEP_CLUSTER or 'default')",
-    )
-    parser.add_argument(
-        "--etcd-timeout", type=float, default=2.0, metavar="S", help="per-request timeout (s)"
-    )
+    add_etcd_arguments(parser)
     parser.add_argument(
         "--slot", type=int, default=None, help="the slot (default: torchrun's LOCAL_RANK)"
     )
-    parser.add_argument("--ttl", type=int, default=3, help="lease TTL in s (default 3)")
+    parser.add_argument(
+        "--ttl", type=int, default=DEFAULT_TTL_S, help=f"lease TTL in s (default {DEFAULT_TTL_S})"
+    )
     parser.add_argument(
         "--max-restarts",
         type=int,
