@@ -59,7 +59,7 @@ class DecodeRunner:
         self.block_size = engine.kv.cfg.block_size
         self.max_rows = engine.scheduler.budget
         if capture is None:
-            capture = engine.device.type == "cuda" and getattr(engine.moe, "graph_safe", False)
+            capture = engine.device.type == "cuda" and engine.moe.graph_safe
         self.capture = capture
         self.scratch = engine.kv.reserve_scratch()
         self.buckets: dict[tuple[int, int], _Bucket] = {}

@@ -94,9 +94,7 @@ class Engine:
         return h
 
     def _end_step(self) -> None:
-        end_step = getattr(self.moe, "end_step", None)
-        if end_step is not None:
-            end_step()  # a fabric that checks once per step raises ExchangeFailed here
+        self.moe.end_step()  # a fabric that checks once per step raises ExchangeFailed here
 
     def _inputs(self, batch: list[Scheduled]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions = [], []

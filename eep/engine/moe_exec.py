@@ -60,11 +60,23 @@ def run_experts_grouped(moe: MoEBlock, x: torch.Tensor, local_idx: torch.Tensor)
 
 
 class MoEExecutor(Protocol):
+    """How the engine runs a MoE layer: every executor has all three members."""
+
+    graph_safe: bool  # a layer never syncs the host, so CUDA graphs can record it
+
     def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor: ...
+
+    def end_step(self) -> None:
+        """After the step's last layer (a fabric that checks once per step raises here)."""
 
 
 class LocalMoE:
     """Every expert on this process (the single-process reference path)."""
+
+    graph_safe = False  # routes on the host
+
+    def end_step(self) -> None:
+        pass
 
     def __call__(self, layer_idx: int, moe: MoEBlock, x: torch.Tensor) -> torch.Tensor:
         topk_ids, weights = moe.route(x)
