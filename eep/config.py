@@ -85,6 +85,24 @@ class RuntimeConfig:
     # planned, is held open this long before any byte moves, so `eep bench chaos` can kill
     # the rejoining worker or one of its sources mid-pull (the tiny model's pull takes ms)
     pull_hold_s: float = 0.0
+    # admission (the front-end): prompt + max_tokens of one request, at most; 0: the most one
+    # rank can hold (rank_kv_tokens), or the model's own limit where that is lower
+    max_model_len: int = 0
+    # requests accepted but not yet running anywhere, at most; beyond it a request gets 429
+    max_queue: int = 1024
+    # a request re-queued off this many failed ranks is failed instead of re-queued again;
+    # 3, not 2: two independent faults within a TTL (which the chaos matrix injects) strand a
+    # request twice with nothing it did wrong, and nothing a user asked for may be lost to that
+    quarantine_after: int = 3
+    # the 0600 file holding the cluster's secret, which ranks prove they know in their hello
+    # (the launcher makes it; "" only where no front-end runs)
+    secret_file: str = ""
+
+    @property
+    def rank_kv_tokens(self) -> int:
+        """Tokens of KV one rank holds for requests: its blocks, less the scratch block that
+        padded decode steps take (``cuda_graphs``)."""
+        return (self.kv_blocks - (1 if self.cuda_graphs else 0)) * self.block_size
 
     def __post_init__(self) -> None:
         device = _checked_device(self.device)
@@ -103,6 +121,18 @@ class RuntimeConfig:
         if not self.exchange_timeout_s > 0:
             raise ValueError(
                 f"RuntimeConfig.exchange_timeout_s must be > 0 s, got {self.exchange_timeout_s!r}."
+            )
+        if self.max_model_len < 0 or self.max_model_len > self.rank_kv_tokens:
+            raise ValueError(
+                f"RuntimeConfig.max_model_len must be in [0, {self.rank_kv_tokens}] (0: as much "
+                f"as one rank's KV cache holds, {self.rank_kv_tokens} tokens), got "
+                f"{self.max_model_len!r}."
+            )
+        if self.max_queue < 0:
+            raise ValueError(f"RuntimeConfig.max_queue must be >= 0, got {self.max_queue!r}.")
+        if self.quarantine_after < 1:
+            raise ValueError(
+                f"RuntimeConfig.quarantine_after must be >= 1, got {self.quarantine_after!r}."
             )
         if not self.pull_hold_s >= 0:
             raise ValueError(
@@ -171,12 +201,22 @@ class RuntimeConfig:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> RuntimeConfig:
-        obj = json.loads(raw)
+        """The config read back; a ``ValueError`` that says what is wrong for anything else
+        (not JSON, not an object, unknown or missing fields, values of the wrong type)."""
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"runtime config is not JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise ValueError(f"runtime config must be a JSON object, got {type(obj).__name__}.")
         known = {f.name for f in fields(cls)}
         unknown = set(obj) - known
         if unknown:
             raise ValueError(f"runtime config has unknown fields {sorted(unknown)}.")
-        return cls(**obj)
+        try:
+            return cls(**obj)
+        except TypeError as exc:  # a missing field, or a value its check cannot compare
+            raise ValueError(f"runtime config is malformed: {exc}") from exc
 
     @property
     def torch_dtype(self):

@@ -8,6 +8,15 @@ so a crash restarts that slot alone. Everything is stopped by pid.
 (``--nproc-per-node <slots>``, slot = ``LOCAL_RANK``) whose supervisors exit when their worker
 ends, so one dead worker makes torchrun tear down and restart every local slot, each reloading
 its weights from disk. Membership still goes through etcd, so clients see the same API.
+
+Each cluster gets a secret (``<workdir>/secret``, mode 0600, unless the runtime config names a
+file already) that the front-end challenges every rank link to prove (``eep.auth``).
+
+Nothing listens beyond 127.0.0.1 unless asked: etcd, the front-end (``ClusterOptions.host``),
+the torchrun agents' stores (``eep.torchrun``, ``--local-addr 127.0.0.1``) and the nccl
+fabric's store do; NCCL's and gloo's own sockets use the loopback interface unless
+``NCCL_SOCKET_IFNAME`` / ``GLOO_SOCKET_IFNAME`` say otherwise. The README's "Listening sockets"
+lists every port and the one exception (Mooncake's, on CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from eep.auth import SecretError, create_secret, load_secret
 from eep.config import RuntimeConfig
 from eep.fabrics.shm import remove_segments
 from eep.membership.commit import read_history
@@ -45,12 +55,16 @@ class ClusterOptions:
     runtime: RuntimeConfig
     etcd: str | None = None  # None: start an embedded etcd
     http_port: int = 0
+    host: str = "127.0.0.1"  # where the front-end's HTTP and rank ports listen
     torchrun: bool = True
     max_restarts: int = 3  # torchrun's restarts of a supervisor (baseline: of every slot)
     log_dir: str | None = None
     baseline: bool = False  # one torchrun over every slot: a failure restarts them all
+    coordinators: int = 2  # a leader and standbys (elected through a lease-bound key)
 
     def __post_init__(self) -> None:
+        if self.coordinators < 1:
+            raise ValueError(f"coordinators must be >= 1, got {self.coordinators}.")
         if self.baseline and not self.torchrun:
             raise ValueError(
                 "baseline=True needs torchrun=True: the full-restart baseline is one torchrun "
@@ -73,6 +87,7 @@ class Cluster:
     def start(self, timeout_s: float = 120.0) -> Cluster:
         self.workdir = self.opts.log_dir or tempfile.mkdtemp(prefix="eep-cluster-")
         os.makedirs(self.workdir, exist_ok=True)
+        self._make_secret()
         if self.opts.etcd is None:
             self.etcd_server = EtcdServer(data_dir=os.path.join(self.workdir, "etcd")).start()
         self.endpoint = self.opts.etcd or self.etcd_server.endpoint
@@ -85,18 +100,30 @@ class Cluster:
         self.client.put(self.keys.config, self.cfg.to_json())
         remove_segments(self.cfg.cluster)
         self.watcher = ViewWatcher(self.client, self.keys).start()
+        for i in range(self.opts.coordinators):
+            # one leader, the rest standbys that win the election when it dies
+            self._spawn(
+                "coordinator" if i == 0 else f"coordinator{i}",
+                "eep.tools.cli",
+                "coordinator",
+                "--ttl",
+                str(self.cfg.ttl_s),
+                "--planner",
+                "eep.planner:from_cluster",
+                "--initial-members",
+                str(self.cfg.num_slots),
+                "--identity",
+                f"coordinator{i}",
+            )
         self._spawn(
-            "coordinator",
+            "frontend",
             "eep.tools.cli",
-            "coordinator",
-            "--ttl",
-            str(self.cfg.ttl_s),
-            "--planner",
-            "eep.planner:from_cluster",
-            "--initial-members",
-            str(self.cfg.num_slots),
+            "frontend",
+            "--host",
+            self.opts.host,
+            "--port",
+            str(self.opts.http_port),
         )
-        self._spawn("frontend", "eep.tools.cli", "frontend", "--port", str(self.opts.http_port))
         if self.opts.baseline:
             self.start_baseline()
         else:
@@ -104,6 +131,21 @@ class Cluster:
                 self.start_slot(slot)
         self.wait_ready(timeout_s)
         return self
+
+    def _make_secret(self) -> None:
+        """The secret rank links prove they know: a fresh one in the workdir unless the runtime
+        config names a file (which must then be readable by this user alone)."""
+        if self.cfg.secret_file:
+            try:
+                load_secret(self.cfg.secret_file)
+            except SecretError as exc:
+                raise LaunchError(f"cluster {self.cfg.cluster}: {exc}") from None
+            return
+        path = os.path.join(self.workdir, "secret")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a reused log dir: a new cluster gets a new secret
+        create_secret(path)
+        self.opts.runtime = dataclasses.replace(self.cfg, secret_file=path)
 
     def _spawn(self, name: str, module: str, *args: str, prefix: list[str] | None = None):
         out = open(os.path.join(self.workdir, f"{name}.log"), "ab")  # noqa: SIM115
@@ -116,8 +158,11 @@ class Cluster:
             "--cluster",
             self.cfg.cluster,
         ]
+        # NCCL's and gloo's bootstrap and data sockets: the loopback interface, as everything
+        # of this one-host cluster, unless the environment names another
+        env = {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", **os.environ}
         self.procs[name] = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         return self.procs[name]
 
@@ -125,12 +170,14 @@ class Cluster:
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "eep.torchrun",  # torchrun, its stores listening on --local-addr alone
             "--nproc-per-node",
             str(nproc),
             "--max-restarts",
             str(self.opts.max_restarts),
             "--standalone",
+            "--local-addr",
+            "127.0.0.1",
             "--monitor-interval",
             "0.5",
             "-m",

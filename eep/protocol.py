@@ -6,16 +6,22 @@ message's fields and ``"type"``, its wire name. :func:`decode` checks every fiel
 against the message's dataclass, so a malformed or unknown frame raises :class:`FrameError`
 (the link is dropped) instead of a ``KeyError`` somewhere in the handler.
 
-A rank opens the link with :class:`Hello`, which carries :data:`PROTOCOL_VERSION`; the front-end
-drops a link of another version. The messages, by direction:
+The front-end opens each link with :class:`Challenge`; the rank answers with :class:`Hello`,
+which carries :data:`PROTOCOL_VERSION` and ``eep.auth.proof`` of the nonce under the cluster's
+secret. The front-end drops a link of another version or with a wrong proof.
+
+The messages, by direction:
 
 =================  ==========================  ============================================
 message            direction                   meaning
 =================  ==========================  ============================================
-``Hello``          rank -> front-end           this link is ``(slot, incarnation)``
+``Challenge``      front-end -> rank, first    a fresh nonce the hello must answer
+``Hello``          rank -> front-end           this link is ``(slot, incarnation)``, with
+                                               the proof that the rank knows the secret
 ``Tokens``         rank -> front-end           tokens emitted in one step
 ``MigrateReady``   rank -> front-end           a request stopped here, its KV lent for a move
 ``Migrated``       rank -> front-end           a moved request was taken over (KV read or not)
+``Refused``        rank -> front-end           the rank cannot run a request (it names why)
 ``Submit``         front-end -> rank           run a request (fresh, re-queued or migrated)
 ``Abort``          front-end -> rank           drop a request
 ``MigrateOut``     front-end -> rank           hand a request to slot ``to`` with its KV
@@ -36,7 +42,7 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
 
@@ -83,7 +89,17 @@ class Hello:
     TYPE: ClassVar[str] = "hello"
     slot: int
     incarnation: int
+    proof: str = ""  # eep.auth.proof(secret, nonce, slot, incarnation)
     version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The rank will not run request ``id``: ``reason`` says why, for the client."""
+
+    TYPE: ClassVar[str] = "refused"
+    id: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +134,12 @@ class Migrated:
 
 
 @dataclass(frozen=True, slots=True)
+class Challenge:
+    TYPE: ClassVar[str] = "challenge"
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
 class Submit:
     """Run a request: ``emitted`` tokens are already streamed (a re-queued or moved request
     continues after them); ``kv``, when moved, says where its KV blocks are."""
@@ -149,12 +171,23 @@ class Release:
     id: str
 
 
-ToFrontend = Union[Hello, Tokens, MigrateReady, Migrated]  # noqa: UP007 (a runtime value)
-ToRank = Union[Submit, Abort, MigrateOut, Release]  # noqa: UP007
+ToFrontend = Union[Hello, Tokens, MigrateReady, Migrated, Refused]  # noqa: UP007 (a runtime value)
+ToRank = Union[Challenge, Submit, Abort, MigrateOut, Release]  # noqa: UP007
 Message = Union[ToFrontend, ToRank]  # noqa: UP007
 MESSAGES: dict[str, type] = {
     cls.TYPE: cls
-    for cls in (Hello, Tokens, MigrateReady, Migrated, Submit, Abort, MigrateOut, Release)
+    for cls in (
+        Hello,
+        Tokens,
+        MigrateReady,
+        Migrated,
+        Refused,
+        Challenge,
+        Submit,
+        Abort,
+        MigrateOut,
+        Release,
+    )
 }
 
 
@@ -228,7 +261,7 @@ def _build(cls: type, body: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(body) - names
     if unknown:
-        raise FrameError(f"{where}: unknown fields {sorted(unknown)}")
+        raise FrameError(f"{where}: unknown fields {sorted(map(str, unknown))}")
     values = {k: _from_wire(v, hints[k], f"{where}.{k}") for k, v in body.items()}
     try:
         return cls(**values)
@@ -248,7 +281,8 @@ def decode(body: bytes) -> Message:
     """The message in one frame's body; :class:`FrameError` if it is not a valid one."""
     try:
         obj = msgpack.unpackb(body, raw=False)
-    except (ValueError, msgpack.exceptions.ExtraData) as exc:
+    except (ValueError, TypeError, msgpack.exceptions.ExtraData) as exc:
+        # TypeError: e.g. a map whose keys mix bytes and str
         raise FrameError(f"undecodable frame: {exc}") from exc
     if not isinstance(obj, dict):
         raise FrameError("a frame must hold a map")

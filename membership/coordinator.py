@@ -7,6 +7,11 @@ epoch when they differ:
 - a member whose record is gone, or whose record is a newer incarnation, leaves the view;
 - a slot registered ``ready`` outside the view (or as a newer incarnation) joins it.
 Every commit is fenced by the leader's election key, so a deposed leader cannot commit.
+
+Bad data in etcd never stops it: a malformed slot record (wrong types, a slot other than its
+key's or outside ``num_slots``, no lease) is logged once and counts as absent, so the view is
+committed for the well-formed slots; a ``view`` the history does not hold is replaced
+(``commit_next``); an election key bound to no lease is deleted.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from .errors import (
     EtcdUnavailable,
     LeaseLost,
     MalformedView,
+    MembershipError,
     StaleView,
     WatchBroken,
     WatchCompacted,
+    clip,
 )
-from .etcd import EtcdClient
+from .etcd import EtcdClient, cmp_mod, op_delete
 from .keys import Keys
 from .registry import SlotRecord, SlotState, read_slots
 from .session import Session, SessionConfig
@@ -53,8 +60,11 @@ class CoordinatorConfig:
     resync_s: float = 1.0  # level-triggered re-check even when no event arrives
     identity: str = ""
     initial_members: int = 1  # the first view waits for this many ready slots
+    num_slots: int | None = None  # the cluster's, where known: records of other slots are bad
 
     def __post_init__(self) -> None:
+        if self.num_slots is not None and self.num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}.")
         if not 0 <= self.debounce_s <= self.max_debounce_s:
             raise ValueError(
                 f"debounce {self.debounce_s} s must be >= 0 and <= max_debounce "
@@ -121,7 +131,7 @@ class Coordinator:
                     election = Election(
                         self.client, self.keys.coordinator, session, self.config.identity
                     )
-                    if election.campaign(self._stop):
+                    if self._campaign(election):
                         self._lead(session, election)
                     if self._stop.is_set():
                         election.resign()
@@ -129,17 +139,50 @@ class Coordinator:
                 log.warning("coordinator: %s; campaigning again", exc)
                 self._stop.wait(0.2)
             except (MalformedView, StaleView) as exc:
-                # not a crash loop: say what is wrong and how to mend it, then look again
+                # not a crash loop: say what is wrong, then look again (the epochs are spent,
+                # or another writer commits without leadership)
                 log.error(
-                    "coordinator: cannot build on the committed view: %s. Write a valid view "
-                    "(see `eep inspect --json`) to %s; retrying in %.0f s",
+                    "coordinator: cannot commit the next view: %s (see `eep inspect`); "
+                    "retrying in %.0f s",
                     exc,
-                    self.keys.view,
                     self.config.resync_s * 5,
                 )
                 self._stop.wait(self.config.resync_s * 5)
             finally:
                 self.is_leader.clear()
+
+    def _campaign(self, election: Election) -> bool:
+        """Campaign; meanwhile, delete an election key bound to no lease. The leader's key is
+        always lease-bound; one that is not was written by hand, would never expire, and
+        every coordinator would wait for it forever. Its value is never read."""
+        done = threading.Event()
+        sweeper = threading.Thread(
+            target=self._sweep_election_key, args=(done,), name="election-sweep", daemon=True
+        )
+        sweeper.start()
+        try:
+            return election.campaign(self._stop)
+        finally:
+            done.set()
+            sweeper.join(timeout=5)
+
+    def _sweep_election_key(self, done: threading.Event) -> None:
+        key = self.keys.coordinator
+        while not self._stop.is_set():
+            try:
+                kv = self.client.get(key)
+                if kv is not None and kv.lease == 0:
+                    log.warning(
+                        "%s is bound to no lease, so no coordinator wrote it and it would never "
+                        "expire; deleting it: %s",
+                        key,
+                        clip(kv.value),
+                    )
+                    self.client.txn([cmp_mod(key, kv.mod_revision)], [op_delete(key)])
+            except MembershipError as exc:
+                log.debug("election key check: %s", exc)
+            if done.wait(self.config.resync_s):
+                return
 
     def _lead(self, session: Session, election: Election) -> None:
         self.is_leader.set()
@@ -183,7 +226,7 @@ class Coordinator:
 
     def reconcile(self, election: Election) -> int:
         """Commit the next view if the registrations call for one; returns the read revision."""
-        records, revision = read_slots(self.client, self.keys)
+        records, revision = read_slots(self.client, self.keys, self.config.num_slots)
 
         def decide(current: View | None) -> View | None:
             members, removed, added = next_members(current, records)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import INT64_MAX, MalformedRecord
+
 ROOT = "/eep"
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -78,5 +80,31 @@ class Keys:
         return self.prefix + "frontend"
 
     def slot_of(self, key: str) -> int:
-        """The slot number of a ``slots/<slot>`` key."""
-        return int(key[len(self.slots) :])
+        """The slot number of a ``slots/<slot>`` key, written as :meth:`slot` writes it (no sign,
+        no leading zero, ASCII digits): ``slots/01`` or ``slots/x`` is a
+        :class:`MalformedRecord`, not slot 1."""
+        return self._number(key, self.slots, str)
+
+    def epoch_of(self, key: str) -> int:
+        """The epoch of a ``views/<epoch:08d>`` key, written as :meth:`view_at` writes it."""
+        return self._number(key, self.views, lambda n: f"{n:08d}")
+
+    @staticmethod
+    def _number(key: str, prefix: str, spell) -> int:
+        text = key[len(prefix) :] if key.startswith(prefix) else ""
+        if text.isascii() and text.isdigit() and len(text) <= 19:
+            number = int(text)
+            if number <= INT64_MAX and spell(number) == text:
+                return number
+        raise MalformedRecord(f"{key} is not a key of the form {prefix}<number>")
+
+
+def parse_counter(raw: bytes, where: str) -> int:
+    """An ``incarnations/<slot>`` counter: ASCII decimal in ``[0, 2**63 - 2]`` (so that one
+    more still fits the status block's 64-bit word)."""
+    text = raw.decode("ascii", errors="replace").strip()
+    if text.isascii() and text.isdigit() and len(text) <= 19:
+        number = int(text)
+        if number < INT64_MAX:
+            return number
+    raise MalformedRecord(f"{where} must hold an incarnation counter, got {raw[:40]!r}")

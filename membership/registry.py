@@ -17,9 +17,28 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import EtcdRequestError, LeaseLost, MembershipError, SlotTaken
-from .etcd import EtcdClient, KeyValue, cmp_create, cmp_lease, cmp_mod, op_get, op_put
-from .keys import Keys
+from .errors import (
+    MALFORMED,
+    EtcdRequestError,
+    LeaseLost,
+    MalformedRecord,
+    SlotTaken,
+    check_int,
+    check_type,
+    clip,
+    decode_object,
+)
+from .etcd import (
+    EtcdClient,
+    KeyValue,
+    cmp_create,
+    cmp_lease,
+    cmp_mod,
+    op_delete,
+    op_get,
+    op_put,
+)
+from .keys import Keys, parse_counter
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -50,27 +69,109 @@ class SlotRecord:
         return json.dumps(obj, sort_keys=True)
 
     @classmethod
-    def from_json(cls, raw: bytes | str, where: str = "slot record") -> SlotRecord:
-        try:
-            obj = json.loads(raw)
-            obj["state"] = SlotState(obj["state"])
-            return cls(**obj)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MembershipError(f"{where} is malformed ({exc}): {raw[:200]!r}") from exc
+    def from_json(
+        cls,
+        raw: bytes | str,
+        where: str = "slot record",
+        *,
+        key_slot: int | None = None,
+        num_slots: int | None = None,
+    ) -> SlotRecord:
+        """Decode and validate; anything wrong is a :class:`MalformedRecord` naming ``where``.
+
+        ``key_slot`` is the slot of the key the record was read from: the key is the truth,
+        and a body that names another slot is malformed. With ``num_slots`` (the cluster's,
+        where known) a slot outside ``[0, num_slots)`` is malformed. Fields this version does
+        not know are ignored (a newer supervisor may add some); ``endpoints``,
+        ``registered_at`` and ``resync_epoch`` may be missing.
+        """
+        obj = decode_object(raw, where, MalformedRecord)
+        missing = _REQUIRED - obj.keys()
+        if missing:
+            raise MalformedRecord(f"{where} lacks the fields {sorted(missing)}.")
+        slot = check_int(obj, "slot", where, MalformedRecord)
+        if key_slot is not None and slot != key_slot:
+            raise MalformedRecord(f"{where} is the key of slot {key_slot} but names slot {slot}.")
+        if num_slots is not None and slot >= num_slots:
+            raise MalformedRecord(f"{where}: slot {slot} is outside the cluster's {num_slots}.")
+        state = check_type(obj, "state", str, where, MalformedRecord)
+        if state not in _STATES:
+            raise MalformedRecord(
+                f"{where}: state must be one of {sorted(_STATES)}, got {clip(state)}."
+            )
+        obj.setdefault("endpoints", {})
+        obj.setdefault("registered_at", 0.0)
+        obj.setdefault("resync_epoch", 0)
+        registered_at = check_type(obj, "registered_at", (int, float), where, MalformedRecord)
+        if isinstance(registered_at, int) and abs(registered_at) > 2**53:
+            raise MalformedRecord(f"{where}: registered_at {clip(registered_at)} is not a time.")
+        return cls(
+            slot=slot,
+            incarnation=check_int(obj, "incarnation", where, MalformedRecord, lo=1),
+            pid=check_int(obj, "pid", where, MalformedRecord),
+            host=check_type(obj, "host", str, where, MalformedRecord),
+            device=check_type(obj, "device", str, where, MalformedRecord),
+            lease_id=check_int(obj, "lease_id", where, MalformedRecord),
+            state=_STATES[state],
+            endpoints=check_type(obj, "endpoints", dict, where, MalformedRecord),
+            registered_at=float(registered_at),
+            resync_epoch=check_int(obj, "resync_epoch", where, MalformedRecord),
+        )
+
+    @classmethod
+    def from_kv(cls, kv: KeyValue, keys: Keys, num_slots: int | None = None) -> SlotRecord:
+        """The record of a ``slots/<slot>`` key as etcd holds it: the body must name the key's
+        slot and be bound to the lease it names (every supervisor binds its record to its
+        session's lease; a record bound to none would never expire)."""
+        record = cls.from_json(kv.value, kv.key, key_slot=keys.slot_of(kv.key), num_slots=num_slots)
+        if kv.lease == 0:
+            raise MalformedRecord(f"{kv.key} is bound to no lease, so it would never expire.")
+        if record.lease_id != kv.lease:
+            raise MalformedRecord(
+                f"{kv.key} names lease {record.lease_id:x} but is bound to lease {kv.lease:x}."
+            )
+        return record
 
 
-def read_slots(client: EtcdClient, keys: Keys) -> tuple[dict[int, SlotRecord], int]:
-    """Every registered slot (malformed records are logged and skipped) and the read's revision."""
+_REQUIRED = {"slot", "incarnation", "pid", "host", "device", "lease_id", "state"}
+_STATES = {s.value: s for s in SlotState}
+
+
+@dataclass(frozen=True, slots=True)
+class SlotScan:
+    """One read of ``slots/``: the well-formed records by slot, the read's revision, and the
+    keys that were ignored with what is wrong with each."""
+
+    records: dict[int, SlotRecord]
+    revision: int
+    malformed: dict[str, str]
+
+
+def scan_slots(
+    client: EtcdClient, keys: Keys, num_slots: int | None = None, quiet: bool = False
+) -> SlotScan:
+    """Every slot record; a malformed one is left out, as if its key were absent, and logged
+    once per revision (``quiet``: only listed in ``malformed``)."""
     kvs, revision = client.get_prefix(keys.slots)
-    records = {}
+    records, malformed = {}, {}
     for kv in kvs:
         try:
-            rec = SlotRecord.from_json(kv.value, where=kv.key)
-        except MembershipError as exc:
-            log.error("%s; ignoring it", exc)
+            rec = SlotRecord.from_kv(kv, keys, num_slots)
+        except MalformedRecord as exc:
+            malformed[kv.key] = str(exc)
+            if not quiet:
+                MALFORMED.warn(log, kv.key, kv.mod_revision, str(exc))
             continue
         records[rec.slot] = rec
-    return records, revision
+    return SlotScan(records, revision, malformed)
+
+
+def read_slots(
+    client: EtcdClient, keys: Keys, num_slots: int | None = None
+) -> tuple[dict[int, SlotRecord], int]:
+    """Every well-formed slot record (see :func:`scan_slots`) and the read's revision."""
+    scan = scan_slots(client, keys, num_slots)
+    return scan.records, scan.revision
 
 
 class SlotRegistration:
@@ -101,14 +202,19 @@ class SlotRegistration:
         """Take the slot as a new incarnation in state ``joining``.
 
         If another live lease holds the slot, wait up to ``wait_s`` for it to go (a hung
-        predecessor's lease expiring), then raise :class:`SlotTaken`.
+        predecessor's lease expiring), then raise :class:`SlotTaken`. A record bound to no
+        lease was not written by a supervisor and would never go: it is deleted (compared on
+        its revision). A counter that is not a number is replaced (compared on its revision)
+        by the store revision plus one: every incarnation the counter ever issued was a write
+        of its own, so none can be above the revision.
         """
         deadline = time.monotonic() + wait_s
         key, inc_key = self.keys.slot(self.slot), self.keys.incarnation(self.slot)
         while True:
             self.session.check()
-            inc_kv = self.client.get(inc_key)
-            incarnation = (int(inc_kv.value) if inc_kv else 0) + 1
+            kvs, revision = self.client.range(inc_key)
+            inc_kv = kvs[0] if kvs else None
+            incarnation = self._next_incarnation(inc_kv, revision)
             record = self._record(incarnation, SlotState.JOINING)
             res = self.client.txn(
                 [cmp_create(key, 0), cmp_mod(inc_key, inc_kv.mod_revision if inc_kv else 0)],
@@ -131,16 +237,39 @@ class SlotRegistration:
             holder = res.responses[0][0] if res.responses and res.responses[0] else None
             if holder is None:
                 continue  # only the incarnation counter moved: retry at once
+            if holder.lease == 0:
+                self._delete_foreign(holder)
+                continue
             if time.monotonic() >= deadline:
                 raise SlotTaken(self._taken_message(holder))
             time.sleep(0.05)
 
+    def _next_incarnation(self, counter: KeyValue | None, revision: int) -> int:
+        if counter is None:
+            return 1
+        try:
+            return parse_counter(counter.value, counter.key) + 1
+        except MalformedRecord as exc:
+            MALFORMED.warn(log, counter.key, counter.mod_revision, str(exc))
+            log.warning("slot %d: replacing the counter with %d", self.slot, revision + 1)
+            return revision + 1
+
+    def _delete_foreign(self, holder: KeyValue) -> None:
+        log.warning(
+            "slot %d: %s is bound to no lease, so no supervisor wrote it and it would never "
+            "expire; deleting it: %s",
+            self.slot,
+            holder.key,
+            clip(holder.value),
+        )
+        self.client.txn([cmp_mod(holder.key, holder.mod_revision)], [op_delete(holder.key)])
+
     def _taken_message(self, holder: KeyValue) -> str:
         try:
-            rec = SlotRecord.from_json(holder.value)
+            rec = SlotRecord.from_kv(holder, self.keys)
             who = f"pid {rec.pid} on {rec.host}, incarnation {rec.incarnation}"
-        except MembershipError:
-            who = "an unreadable record"
+        except MalformedRecord as exc:
+            who = f"an unreadable record ({exc})"
         return (
             f"slot {self.slot} is held by {who}; stop that process or wait for its lease to "
             f"expire (`eep revoke --slot {self.slot}` ends it now)."
@@ -200,17 +329,20 @@ def revoke_slot(client: EtcdClient, keys: Keys, slot: int, incarnation: int | No
     """The supervisors' fast path: revoke the lease holding ``slot`` now.
 
     With ``incarnation``, only that incarnation's lease is revoked (a successor that already
-    registered is left alone). Returns whether a lease was revoked.
+    registered is left alone), and a malformed record counts as absent: nothing shows that
+    it is that incarnation's. Without, whatever lease holds the key is revoked. Returns
+    whether a lease was revoked.
     """
     kv = client.get(keys.slot(slot))
     if kv is None:
         return False
     if incarnation is not None:
         try:
-            if SlotRecord.from_json(kv.value).incarnation != incarnation:
+            if SlotRecord.from_kv(kv, keys).incarnation != incarnation:
                 return False
-        except MembershipError:
-            pass
+        except MalformedRecord as exc:
+            MALFORMED.warn(log, kv.key, kv.mod_revision, str(exc))
+            return False
     if not kv.lease:
         return False
     return client.lease_revoke(kv.lease)

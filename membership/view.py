@@ -8,13 +8,12 @@ payload the planner produced (opaque here: any JSON value; the runtime gives it 
 from __future__ import annotations
 
 import json
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MalformedView
-
-_FIELDS = {"epoch", "members", "incarnations", "placement", "reason", "committed_at"}
+from .errors import INT64_MAX, MalformedView, check_int, check_type, clip, decode_object
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +32,20 @@ class View:
     committed_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        if isinstance(self.epoch, bool) or not isinstance(self.epoch, int) or self.epoch < 1:
-            raise MalformedView(f"view epoch must be an integer >= 1, got {self.epoch!r}.")
+        epoch = self.epoch
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= INT64_MAX:
+            raise MalformedView(f"view epoch must be an integer in [1, 2**63 - 1], got {epoch!r}.")
         members = tuple(self.members)
         if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in members):
-            raise MalformedView(f"view members must be slot numbers >= 0, got {members!r}.")
+            raise MalformedView(f"view members must be slot numbers >= 0, got {clip(members)}.")
         if len(set(members)) != len(members) or list(members) != sorted(members):
-            raise MalformedView(f"view members must be sorted and unique, got {members!r}.")
-        incs = tuple(sorted((int(s), int(i)) for s, i in self.incarnations))
+            raise MalformedView(f"view members must be sorted and unique, got {clip(members)}.")
+        try:
+            incs = tuple(
+                sorted((operator.index(s), operator.index(i)) for s, i in self.incarnations)
+            )
+        except (TypeError, ValueError) as exc:
+            raise MalformedView(f"view incarnations must be (slot, number) pairs: {exc}") from None
         if {s for s, _ in incs} - set(members):
             raise MalformedView(
                 f"view incarnations name slots {sorted({s for s, _ in incs} - set(members))} "
@@ -77,34 +82,44 @@ class View:
 
     @classmethod
     def from_json(cls, raw: str | bytes, where: str = "view") -> View:
-        """Decode and validate; anything wrong is a :class:`MalformedView` naming ``where``."""
-        try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MalformedView(
-                f"{where} is not JSON ({exc}); rewrite it with a coordinator."
-            ) from exc
-        if not isinstance(obj, dict):
-            raise MalformedView(f"{where} must be a JSON object, got {type(obj).__name__}.")
+        """Decode and validate; anything wrong is a :class:`MalformedView` naming ``where``.
+
+        ``epoch`` and ``members`` are required; ``incarnations`` (``{"<slot>": n}``, slots
+        among the members), ``placement`` (any JSON), ``reason`` and ``committed_at`` are
+        optional. Fields this version does not know are ignored: a newer coordinator may add
+        some, and its views must still reach older ranks.
+        """
+        obj = decode_object(raw, where, MalformedView)
         missing = {"epoch", "members"} - obj.keys()
         if missing:
             raise MalformedView(f"{where} lacks the fields {sorted(missing)}.")
-        unknown = obj.keys() - _FIELDS
-        if unknown:
-            raise MalformedView(f"{where} has unknown fields {sorted(unknown)}.")
-        incs = obj.get("incarnations") or {}
-        if not isinstance(incs, dict) or not isinstance(obj["members"], list):
-            raise MalformedView(f"{where}: members must be a list and incarnations an object.")
+        epoch = check_int(obj, "epoch", where, MalformedView, lo=1)
+        members = check_type(obj, "members", list, where, MalformedView)
+        for m in members:
+            if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= INT64_MAX:
+                raise MalformedView(f"{where}: members must be slot numbers >= 0, got {clip(m)}.")
+        obj.setdefault("incarnations", {})
+        incs = check_type(obj, "incarnations", dict, where, MalformedView)
+        pairs = []
+        for s, inc in incs.items():
+            if not (s.isascii() and s.isdigit() and len(s) <= 19 and str(int(s)) == s):
+                raise MalformedView(f"{where}: incarnations names {s[:40]!r}, not a slot number.")
+            pairs.append(
+                (int(s), check_int({s: inc}, s, f"{where}: incarnations", MalformedView, 1))
+            )
+        obj.setdefault("reason", "")
+        obj.setdefault("committed_at", 0.0)
+        committed_at = check_type(obj, "committed_at", (int, float), where, MalformedView)
+        if isinstance(committed_at, int) and abs(committed_at) > 2**53:
+            raise MalformedView(f"{where}: committed_at {clip(committed_at)} is not a time.")
         try:
             return cls(
-                epoch=obj["epoch"],
-                members=tuple(obj["members"]),
-                incarnations=tuple((int(s), int(i)) for s, i in incs.items()),
+                epoch=epoch,
+                members=tuple(members),
+                incarnations=tuple(pairs),
                 placement=obj.get("placement"),
-                reason=str(obj.get("reason", "")),
-                committed_at=float(obj.get("committed_at", 0.0)),
+                reason=check_type(obj, "reason", str, where, MalformedView),
+                committed_at=float(committed_at),
             )
         except MalformedView as exc:
-            raise MalformedView(f"{where}: {exc}") from exc
-        except (TypeError, ValueError) as exc:
-            raise MalformedView(f"{where} has a field of the wrong type: {exc}") from exc
+            raise MalformedView(f"{where}: {exc}") from None

@@ -4,7 +4,12 @@ The watcher reads ``view``, then watches it from the next revision. A broken str
 restarted, connection lost) resumes from the last revision seen; a compacted start revision
 makes it re-read the key and watch again from the read's revision. Views arrive in order with
 no epoch skipped (gaps are filled from ``views/<epoch>``), and an epoch at or below the last
-delivered one is never delivered again. A malformed view is logged and skipped, not fatal.
+delivered one is never delivered again.
+
+Only committed views are delivered: a value of ``view`` that ``views/<its epoch>`` does not
+hold byte for byte (garbage, a hand-written view, a huge epoch) is logged once and ignored,
+so it can never hold back the epochs that follow. At start, and after a compaction, the
+current view is the newest history entry when ``view`` itself is not one (``read_committed``).
 """
 
 from __future__ import annotations
@@ -15,12 +20,23 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import EtcdUnavailable, MalformedView, WatchBroken, WatchCompacted
-from .etcd import EtcdClient, WatchStream
+from .commit import parse_entry, read_committed
+from .errors import (
+    MALFORMED,
+    EtcdRequestError,
+    EtcdUnavailable,
+    MalformedRecord,
+    MalformedView,
+    WatchBroken,
+    WatchCompacted,
+)
+from .etcd import EtcdClient, KeyValue, WatchStream
 from .keys import Keys
 from .view import View
 
 log = logging.getLogger(__name__)
+
+_GAP_BY_KEY = 64  # a gap of up to this many epochs is filled key by key
 
 
 class ViewWatcher:
@@ -92,7 +108,7 @@ class ViewWatcher:
             except WatchCompacted as exc:
                 log.info("view watch: %s; re-reading", exc)
                 revision = 0
-            except (WatchBroken, EtcdUnavailable) as exc:
+            except (WatchBroken, EtcdUnavailable, EtcdRequestError) as exc:
                 log.info("view watch interrupted (%s); resuming after revision %d", exc, revision)
                 self._stop.wait(self.retry_s)
             finally:
@@ -101,10 +117,10 @@ class ViewWatcher:
             self.resumes += 1
 
     def _read_current(self) -> int:
-        kvs, revision = self.client.range(self.keys.view)
-        if kvs:
-            self._offer(kvs[0].value)
-        return revision
+        state = read_committed(self.client, self.keys)
+        if state.view is not None:
+            self._accept(state.view)
+        return state.read_revision
 
     def _consume(self, stream: WatchStream, revision: int) -> int:
         while not self._stop.is_set():
@@ -113,37 +129,82 @@ class ViewWatcher:
                 continue
             for event in batch.events:
                 if event.kind == "put":
-                    self._offer(event.kv.value)
+                    self._offer(event.kv)
             revision = max(revision, batch.revision)
         return revision
 
-    def _offer(self, raw: bytes) -> None:
+    def _offer(self, kv: KeyValue) -> None:
+        """A new value of ``view``: delivered if it is newer and the history holds it."""
         try:
-            view = View.from_json(raw, where=self.keys.view)
+            view = View.from_json(kv.value, where=kv.key)
         except MalformedView as exc:
-            log.error("ignoring a malformed committed view: %s", exc)
+            MALFORMED.warn(log, kv.key, kv.mod_revision, str(exc))
             return
+        if self.latest is not None and view.epoch <= self.latest.epoch:
+            return
+        entry = self.client.get(self.keys.view_at(view.epoch))
+        if entry is None or entry.value != kv.value:
+            problem = (
+                f"{kv.key} holds epoch {view.epoch}, which the history does not hold "
+                f"({self.keys.view_at(view.epoch)} is {'different' if entry else 'absent'})"
+            )
+            MALFORMED.warn(log, kv.key, kv.mod_revision, problem)
+            return
+        self._accept(view)
+
+    def _accept(self, view: View) -> None:
+        """Deliver ``view`` after the epochs between the last delivered one and it."""
         last = self.latest.epoch if self.latest else 0
         if view.epoch <= last:
             return
-        for epoch in range(last + 1, view.epoch) if last else ():
-            self._deliver_from_history(epoch)
+        if last and view.epoch > last + 1:
+            self._fill(last, view.epoch)
         self._deliver(view)
 
-    def _deliver_from_history(self, epoch: int) -> None:
-        kv = self.client.get(self.keys.view_at(epoch))
-        if kv is None:
-            log.warning("view history lacks epoch %d; skipping it", epoch)
-            return
-        try:
-            self._deliver(View.from_json(kv.value, where=kv.key))
-        except MalformedView as exc:
-            log.error("ignoring a malformed view in history: %s", exc)
+    def _fill(self, last: int, epoch: int) -> None:
+        """Deliver the history's views of the epochs strictly between ``last`` and ``epoch``.
+        A short gap is read key by key; a long one (a view far beyond the last) in one range
+        read, so the work is bounded by the keys that exist, never by the gap."""
+        gap = epoch - last - 1
+        if gap <= _GAP_BY_KEY:
+            entries = [(e, self.client.get(self.keys.view_at(e))) for e in range(last + 1, epoch)]
+        else:
+            kvs, _ = self.client.get_prefix(self.keys.views)
+            found = {}
+            for kv in kvs:
+                try:
+                    e = self.keys.epoch_of(kv.key)
+                except MalformedRecord:
+                    continue
+                if last < e < epoch:
+                    found[e] = kv
+            entries = sorted(found.items())
+        delivered = 0
+        for e, kv in entries:
+            if kv is None:
+                continue
+            try:
+                view = parse_entry(kv, e)
+            except MalformedView as exc:
+                MALFORMED.warn(log, kv.key, kv.mod_revision, str(exc))
+                continue
+            self._deliver(view)
+            delivered += 1
+        if delivered < gap:
+            log.warning(
+                "view history lacks %d of the epochs %d..%d; skipping them",
+                gap - delivered,
+                last + 1,
+                epoch - 1,
+            )
 
     def _deliver(self, view: View) -> None:
         # the callback runs before waiters wake, so what it records precedes what they do
         if self.on_view is not None:
-            self.on_view(view)
+            try:
+                self.on_view(view)
+            except Exception:  # one view the consumer chokes on must not end the deliveries
+                log.exception("the view callback failed on epoch %d", view.epoch)
         self._queue.put(view)
         with self._cond:
             self.latest = view

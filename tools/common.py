@@ -28,6 +28,12 @@ from eep.membership.cli import add_etcd_arguments  # noqa: F401 (the commands im
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 
+
+def _default(field: str) -> Any:
+    """The default of a :class:`RuntimeConfig` field, for a flag's help."""
+    return RuntimeConfig.__dataclass_fields__[field].default
+
+
 # the cluster-shape flags of the commands that start a cluster (eep launch, the demo, the
 # benches): each defined once here, with its default and help. name -> (flags, options)
 _CLUSTER_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -87,6 +93,53 @@ _CLUSTER_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         ),
     ),
 }
+_CLUSTER_FLAGS |= {
+    "max_model_len": (
+        ("--max-model-len",),
+        dict(
+            type=int,
+            default=None,
+            metavar="TOKENS",
+            help="the context of one request, prompt + max_tokens, at most; a request asking "
+            "for more is refused with a 400 that names the numbers, and one that omits "
+            "max_tokens may generate up to it. Default: what one rank's KV cache holds "
+            f"({_default('kv_blocks')} blocks of {_default('block_size')} tokens), or the model's "
+            "max_position_embeddings where lower",
+        ),
+    ),
+    "max_num_seqs": (
+        ("--max-num-seqs",),
+        dict(
+            type=int,
+            default=None,
+            metavar="N",
+            help="sequences one rank decodes at once; the others it was given wait on the rank "
+            f"(default {_default('max_num_seqs')})",
+        ),
+    ),
+    "max_queue": (
+        ("--max-queue",),
+        dict(
+            type=int,
+            default=None,
+            metavar="N",
+            help="requests the front-end holds while no slot's KV has room for them; one more "
+            "is answered 429 with a Retry-After header (default "
+            f"{_default('max_queue')}; 0: answer 429 whenever no slot has room)",
+        ),
+    ),
+    "quarantine_after": (
+        ("--quarantine-after",),
+        dict(
+            type=int,
+            default=None,
+            metavar="K",
+            help="a request that was running on K ranks that died is failed (HTTP 500, code "
+            "quarantined) instead of re-queued again: it may be what kills them (default "
+            f"{_default('quarantine_after')})",
+        ),
+    ),
+}
 # the flag (argparse dest) -> the RuntimeConfig field it gives
 _FIELD_OF = {
     "slots": "num_slots",
@@ -97,6 +150,10 @@ _FIELD_OF = {
     "ttl": "ttl_s",
     "exchange_timeout": "exchange_timeout_s",
     "cuda_graphs": "cuda_graphs",
+    "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs",
+    "max_queue": "max_queue",
+    "quarantine_after": "quarantine_after",
 }
 CLUSTER_FLAGS = tuple(_FIELD_OF)
 

@@ -145,6 +145,18 @@ def wait_excluded(cluster, fault: Fault, timeout_s: float = 120.0):
     return view
 
 
+def wait_tokens_after(load, t: float, timeout_s: float = 120.0) -> float:
+    """Until ``load`` streams a token after monotonic time ``t``; returns when the first did
+    (``t`` + the stall). Raises :class:`FaultMissed` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        after = [x for x in load.token_times() if x > t]
+        if after:
+            return after[0]
+        time.sleep(0.05)
+    raise FaultMissed(f"no token streamed in the {timeout_s:.0f} s after the fault")
+
+
 def wait_rejoined(cluster, fault: Fault, timeout_s: float = 180.0, whole: bool = True):
     """Until ``fault.slot`` is back with a newer incarnation (and, with ``whole``, every slot
     is a member); returns that view."""

@@ -32,9 +32,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"eep frontend: no runtime config at {keys.config}; start with `eep launch`")
         return 2
     cfg = RuntimeConfig.from_json(kv.value)
-    vocab = ModelConfig.from_dir(cfg.model_path).vocab_size
+    model = ModelConfig.from_dir(cfg.model_path)
     try:
-        asyncio.run(serve(cfg, args.etcd, args.host, args.port, vocab))
+        asyncio.run(
+            serve(
+                cfg,
+                args.etcd,
+                args.host,
+                args.port,
+                model.vocab_size,
+                max_positions=model.max_position_embeddings,
+            )
+        )
     except KeyboardInterrupt:
         pass
     return 0

@@ -1,16 +1,24 @@
-"""``eep inspect``: members, the committed view and the view history, as tables or JSON."""
+"""``eep inspect``: members, the committed view and the view history, as tables or JSON.
+
+Keys that hold malformed data are listed with what is wrong with each (and otherwise left
+out, as the coordinator leaves them out); the exit status is then 2, as when etcd is away.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from typing import Any
 
-from eep.membership.commit import read_history, read_view
-from eep.membership.errors import MembershipError
-from eep.membership.registry import read_slots
+from eep.membership.commit import read_committed, read_history
+from eep.membership.errors import MembershipError, check_type, decode_object
+from eep.membership.etcd import EtcdClient, KeyValue
+from eep.membership.keys import Keys
+from eep.membership.registry import scan_slots
 
 from .common import add_etcd_arguments, connect
+from .coordinator import cluster_num_slots
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,30 +41,70 @@ def _when(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
 
 
+def _leader(kv: KeyValue | None, problems: dict[str, str]) -> dict[str, Any] | None:
+    """The election key's value, if it is the ``{identity, lease}`` a coordinator writes."""
+    if kv is None:
+        return None
+    try:
+        value = decode_object(kv.value, kv.key, MembershipError)
+        check_type(value, "identity", str, kv.key, MembershipError)
+    except KeyError:
+        problems[kv.key] = f"{kv.key} lacks the field 'identity'"
+        return None
+    except MembershipError as exc:
+        problems[kv.key] = str(exc)
+        return None
+    if kv.lease == 0:
+        problems[kv.key] = f"{kv.key} is bound to no lease, so it would never expire"
+    return value
+
+
+def _read(client: EtcdClient, keys: Keys, history_n: int) -> dict[str, Any]:
+    problems: dict[str, str] = {}
+    scan = scan_slots(client, keys, cluster_num_slots(client, keys), quiet=True)
+    problems.update(scan.malformed)
+    state = read_committed(client, keys, problems=problems)
+    history = read_history(client, keys, problems=problems)
+    leader = _leader(client.get(keys.coordinator), problems)
+    return {
+        "revision": scan.revision,
+        "records": scan.records,
+        "view": state.view,
+        "history": history[-history_n:] if history_n else [],
+        "leader": leader,
+        "problems": problems,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     client, keys = connect(args)
     try:
-        records, revision = read_slots(client, keys)
-        view, _ = read_view(client, keys)
-        history = read_history(client, keys)[-args.history :] if args.history else []
-        leader = client.get(keys.coordinator)
+        got = _read(client, keys, args.history)
     except MembershipError as exc:
         print(f"eep inspect: {exc}")
         return 2
+    records, view, history, problems = got["records"], got["view"], got["history"], got["problems"]
+    status = 2 if problems else 0
     if args.json:
         out = {
             "cluster": keys.cluster,
-            "revision": revision,
-            "coordinator": leader.json() if leader else None,
+            "revision": got["revision"],
+            "coordinator": got["leader"],
             "slots": {s: json.loads(r.to_json()) for s, r in sorted(records.items())},
             "view": json.loads(view.to_json()) if view else None,
             "history": [json.loads(v.to_json()) for v in history],
+            "malformed": dict(sorted(problems.items())),
         }
         print(json.dumps(out, indent=2, sort_keys=True))
-        return 0
+        return status
     members = set(view.members) if view else set()
-    print(f"cluster {keys.cluster}  (etcd {args.etcd}, revision {revision})")
-    print(f"coordinator: {leader.json().get('identity') if leader else 'none elected'}\n")
+    leader = got["leader"]
+    print(f"cluster {keys.cluster}  (etcd {args.etcd}, revision {got['revision']})")
+    if leader is not None:
+        print(f"coordinator: {leader['identity']}\n")
+    else:
+        unreadable = keys.coordinator in problems
+        print(f"coordinator: {'unreadable (see below)' if unreadable else 'none elected'}\n")
     rows = [
         [
             s,
@@ -74,10 +122,14 @@ def run(args: argparse.Namespace) -> int:
     print(_table(headers, rows) if rows else "no slots registered")
     if view is None:
         print("\nno view committed yet")
-        return 0
-    print(f"\nview epoch {view.epoch}: members {list(view.members)}  ({view.reason})")
-    if history:
+    else:
+        print(f"\nview epoch {view.epoch}: members {list(view.members)}  ({view.reason})")
+    if view is not None and history:
         print()
         hist_rows = [[v.epoch, _when(v.committed_at), list(v.members), v.reason] for v in history]
         print(_table(["epoch", "committed", "members", "reason"], hist_rows))
-    return 0
+    if problems:
+        print(f"\nmalformed keys ({len(problems)}), ignored by the coordinator and the ranks:")
+        for key, problem in sorted(problems.items()):
+            print(f"  {problem}" if problem.startswith(key) else f"  {key}: {problem}")
+    return status

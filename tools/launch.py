@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the full-restart baseline: one torchrun over every slot, so one failed worker "
         "restarts them all (each reloading its weights from disk)",
     )
+    parser.add_argument(
+        "--coordinators",
+        type=int,
+        default=2,
+        help="membership coordinators: one leader and standbys that take over when it dies "
+        "(default 2)",
+    )
     parser.add_argument("--log-dir", default=None, help="keep every process's log here")
 
 
@@ -84,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts,
         log_dir=args.log_dir,
         baseline=args.baseline,
+        coordinators=args.coordinators,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -122,7 +122,9 @@ class Manifest:
                 incarnation=int(d.get("incarnation", 0)),
                 pid=int(d.get("pid", 0)),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        # anything a foreign or hand-written value can raise here (a list where a map belongs,
+        # nesting too deep to parse) is a malformed manifest, skipped by its readers
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ManifestError(
                 f"manifest {where or '(given)'} is malformed: {exc!r}. Its holder must "
                 "re-publish it (a rank does so on start); delete it if the holder is gone."

@@ -57,16 +57,20 @@ class Engine:
         self.decode: DecodeRunner | None = DecodeRunner(self) if decode_graphs else None
 
     def add(self, seq: Sequence) -> None:
+        """Queue ``seq``; a ``ValueError`` if it could never fit this rank's KV cache (the
+        scheduler admits in arrival order, so such a request would block every later one)."""
         if seq.max_len > self.max_model_len:
             raise ValueError(
-                f"request {seq.request_id}: {len(seq.prompt)} prompt tokens + max_tokens "
-                f"{seq.params.max_tokens} exceed the KV cache ({self.max_model_len} tokens)."
+                f"{len(seq.prompt)} prompt tokens + max_tokens {seq.params.max_tokens} = "
+                f"{seq.max_len} exceed what this rank's KV cache holds for one request "
+                f"({self.max_model_len} tokens)."
             )
         self.scheduler.add(seq)
 
     @property
     def max_model_len(self) -> int:
-        return self.kv.cfg.num_blocks * self.kv.cfg.block_size
+        """Prompt + max_tokens of one request, at most (``RuntimeConfig.rank_kv_tokens``)."""
+        return self.kv.capacity_tokens
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:

@@ -55,6 +55,7 @@ class KVCache:
             self.arena = buffer.view(dtype).view(shape)
             self.arena.zero_()
         self._free = list(range(cfg.num_blocks - 1, -1, -1))
+        self.scratch_blocks = 0  # taken out of circulation for good (reserve_scratch)
 
     @staticmethod
     def block_nbytes(cfg: KVCacheConfig, dtype: torch.dtype) -> int:
@@ -73,7 +74,13 @@ class KVCache:
         static decode steps write and read there (``eep.engine.decode_graph``)."""
         if not self._free:
             raise KVCacheFull("no block left for the decode scratch block")
+        self.scratch_blocks += 1
         return self._free.pop()
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The most positions one sequence can ever hold: every block but the scratch ones."""
+        return (self.cfg.num_blocks - self.scratch_blocks) * self.cfg.block_size
 
     def reserve(self, table: BlockTable, num_tokens: int) -> None:
         """Grow ``table`` to hold ``num_tokens`` positions."""

@@ -13,13 +13,17 @@ from eep.protocol import SamplingParams
 __all__ = ["SamplingParams", "sample"]
 
 _MASK = (1 << 63) - 1
+# below this temperature the softmax overflows (5e-324 gave NaNs and killed a rank): greedy
+GREEDY_BELOW = 1e-5
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
     """One token from ``logits`` ``[vocab]`` fp32 for output position ``index``."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # an overflow no valid input should reach
+        return int(torch.argmax(logits))
     if params.top_p < 1:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p

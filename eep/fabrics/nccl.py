@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from eep.kernels.experts import weighted_sum
+from eep.torchrun import BoundTCPStore
 
 from .base import Fabric, FabricConfig
 
@@ -89,7 +90,7 @@ def ensure_process_group(
     host, port = parse_store_addr(store_addr)
     timeout = timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(host, port, num_slots, slot == 0, timeout=timeout)
+        store = BoundTCPStore(host, port, num_slots, slot == 0, timeout=timeout)  # on host only
         dist.init_process_group(
             backend,
             store=store,

@@ -2,6 +2,9 @@
 
 - :func:`least_loaded`: a new or re-queued request goes to the live slot with the fewest
   requests in flight (ties: the lowest slot);
+- :func:`pick_slot`: the same, among the slots whose KV has room for the request now: the
+  front-end never gives a rank more than its KV cache holds, so what does not fit anywhere
+  waits in the front-end's bounded queue instead of in a rank's unbounded one;
 - :func:`stranded`: the requests a committed view takes away from their slot (the slot left
   the view, or a new incarnation of it was admitted), to be re-queued on survivors;
 - :func:`rebalance_moves`: the running requests to move onto a slot that (re)joined, with
@@ -33,6 +36,35 @@ def least_loaded(live: list[int], in_flight: Iterable[Record]) -> int | None:
         return None
     load = load_per_slot(live, in_flight)
     return min(live, key=lambda s: (load[s], s))
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """KV blocks of ``block_size`` tokens that ``tokens`` tokens take."""
+    return -(-tokens // block_size)
+
+
+def pick_slot(
+    live: list[int],
+    in_flight: Iterable[Record],
+    need: int,
+    capacity: int,
+    block_size: int,
+    exclude: Iterable[int] = (),
+) -> int | None:
+    """The least loaded live slot (:func:`least_loaded`) whose KV has room for ``need`` more
+    tokens, counting what the requests assigned to each slot reserve there (``capacity``
+    blocks of ``block_size`` tokens per slot); None when no slot has room. Slots in
+    ``exclude`` (they refused the request) are passed over."""
+    skip = set(exclude)
+    candidates = [s for s in live if s not in skip]
+    used = dict.fromkeys(candidates, 0)
+    load = dict.fromkeys(candidates, 0)
+    for rec in in_flight:
+        if rec.slot in used and rec.state is RequestState.RUNNING:
+            used[rec.slot] += blocks_for(rec.context, block_size)
+            load[rec.slot] += 1
+    room = [s for s in candidates if used[s] + blocks_for(need, block_size) <= capacity]
+    return min(room, key=lambda s: (load[s], s)) if room else None
 
 
 def stranded(view: View, in_flight: Iterable[Record]) -> list[Record]:

@@ -14,7 +14,15 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        """The UTF-8 bytes of ``text``; ValueError when it is not valid Unicode (JSON can
+        carry a lone surrogate, ``"\\ud800"``, that has no UTF-8 form)."""
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+                f"{exc.start}"
+            ) from None
 
     def decode(self, ids: list[int]) -> str:
         out, pending = [], bytearray()

@@ -121,7 +121,13 @@ def build_rank(
         kv = client.get(keys.fabric(peer))
         if kv is None:
             return None
-        info = kv.json()
+        try:
+            info = kv.json()
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            log.warning("slot %d: fabric/%d is not a fabric export; ignoring it", slot, peer)
+            return None
         return info if info.get("incarnation") == peer_incarnation else None
 
     fabric = make_fabric(

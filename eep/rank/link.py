@@ -1,33 +1,57 @@
 """The worker's link to the front-end: typed messages in (a queue), tokens and replies out.
 
-The link finds the front-end's rank port in etcd, says :class:`~eep.protocol.Hello` as this
-``(slot, incarnation)``, and reconnects whenever the connection or etcd fails; a worker never
+The link finds the front-end's rank port in etcd, waits for the front-end's
+:class:`~eep.protocol.Challenge`, and answers with a :class:`~eep.protocol.Hello` as this
+``(slot, incarnation)`` carrying :func:`eep.auth.proof` of the nonce under the cluster's secret
+(the file ``RuntimeConfig.secret_file`` names). It reconnects whenever the connection, the
+handshake or etcd fails, and keeps retrying while the secret cannot be read; a worker never
 dies of its link.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
 import threading
 import time
 
+from eep.auth import SecretError, load_secret, proof
 from eep.engine.engine import TokenEvent
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
-from eep.protocol import Hello, Message, ToFrontend, Tokens, encode, recv_message
+from eep.protocol import (
+    Challenge,
+    FrameError,
+    Hello,
+    Message,
+    ToFrontend,
+    Tokens,
+    encode,
+    recv_message,
+)
 
 log = logging.getLogger("eep.rank.link")
 
+RETRY_S = 0.2  # between connection attempts
+SECRET_RETRY_S = 1.0  # between attempts to read a secret file that failed
+HANDSHAKE_TIMEOUT_S = 10.0  # for the challenge to arrive
+REFUSED_WITHIN_S = 2.0  # a link closed this soon after its hello, unused, was likely refused
+
 
 class FrontendLink:
-    def __init__(self, client: EtcdClient, keys: Keys, slot: int, incarnation: int):
+    def __init__(
+        self, client: EtcdClient, keys: Keys, slot: int, incarnation: int, secret_file: str = ""
+    ):
         self.client, self.keys, self.slot, self.incarnation = client, keys, slot, incarnation
+        self.secret_file = secret_file
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self._last_problem = ""
         self.connected = threading.Event()
+        self._stop = threading.Event()
         threading.Thread(target=self._run, name="frontend-link", daemon=True).start()
 
     def _address(self) -> tuple[str, int] | None:
@@ -37,30 +61,84 @@ class FrontendLink:
         addr = kv.json()["ranks"]
         return addr["host"], int(addr["port"])
 
+    def _problem(self, level: int, what: str) -> None:
+        """Log ``what`` once per streak (a front-end that is down is not logged every retry)."""
+        if what != self._last_problem:
+            log.log(level, "slot %d: front-end link: %s", self.slot, what)
+            self._last_problem = what
+
+    def _secret(self) -> str | None:
+        try:
+            return load_secret(self.secret_file)
+        except SecretError as exc:
+            self._problem(logging.ERROR, f"{exc}; cannot prove this rank to the front-end")
+            return None
+
+    def _handshake(self, sock: socket.socket, secret: str) -> None:
+        """Answer the front-end's challenge with this rank's hello."""
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        challenge = recv_message(sock)
+        if challenge is None:
+            raise ConnectionError("the front-end closed the link before its challenge")
+        if not isinstance(challenge, Challenge):
+            raise FrameError(f"the front-end opened with {challenge.TYPE}, not a challenge")
+        answer = proof(secret, challenge.nonce, self.slot, self.incarnation)
+        sock.sendall(encode(Hello(self.slot, self.incarnation, answer)))
+        sock.settimeout(None)
+
     def _run(self) -> None:
-        while True:
+        secret = None
+        while not self._stop.is_set():
+            if secret is None and (secret := self._secret()) is None:
+                self._stop.wait(SECRET_RETRY_S)
+                continue
+            received, sock = 0, None
             try:
                 addr = self._address()
                 if addr is None:
-                    time.sleep(0.2)
+                    self._stop.wait(RETRY_S)
                     continue
                 sock = socket.create_connection(addr, timeout=5)
-                sock.settimeout(None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._handshake(sock, secret)
                 with self._lock:
                     self._sock = sock
-                self.send(Hello(self.slot, self.incarnation))
                 self.connected.set()
+                up_at = time.monotonic()
                 while (msg := recv_message(sock)) is not None:
+                    received += 1
+                    if received == 1:
+                        self._problem(logging.INFO, "up")
                     self.inbox.put(msg)
+                refused = not received and time.monotonic() - up_at < REFUSED_WITHIN_S
+                if refused and not self._stop.is_set():
+                    # a front-end drops a hello it cannot verify without a word: say what
+                    # that usually means (once, not on every retry)
+                    self._problem(
+                        logging.WARNING,
+                        "closed right after this rank's hello (a secret or protocol version "
+                        "other than the front-end's? its log says why); reconnecting",
+                    )
+                elif not self._stop.is_set():
+                    self._problem(logging.INFO, "closed by the front-end; reconnecting")
             except OSError as exc:
-                log.warning("slot %d: front-end link: %s; reconnecting", self.slot, exc)
+                self._problem(logging.WARNING, f"{exc}; reconnecting")
             except Exception as exc:  # etcd errors, bad frames: keep the link alive
-                log.warning("slot %d: front-end link error %r; reconnecting", self.slot, exc)
+                self._problem(logging.WARNING, f"error {exc!r}; reconnecting")
             self.connected.clear()
             with self._lock:
                 self._sock = None
-            time.sleep(0.2)
+            if sock is not None:
+                sock.close()
+            self._stop.wait(RETRY_S)
+
+    def close(self) -> None:
+        """Stop reconnecting and drop the connection (the thread ends soon after)."""
+        self._stop.set()
+        with self._lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
 
     def send(self, msg: ToFrontend) -> None:
         data = encode(msg)

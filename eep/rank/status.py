@@ -29,6 +29,7 @@ _FIELDS = {
     "epoch": (32, "<q"),
     "resync_epoch": (40, "<q"),
     "lease_id": (48, "<q"),
+    "kv_free": (56, "<q"),  # free KV blocks after the worker's last step (for tooling)
 }
 _SIZE = 64
 
@@ -67,7 +68,7 @@ class StatusBlock:
         self._mm[offset : offset + 8] = struct.pack(fmt, value)
 
     def reset(self, incarnation: int) -> None:
-        for name in ("progress", "state", "epoch", "resync_epoch"):
+        for name in ("progress", "state", "epoch", "resync_epoch", "kv_free"):
             self.set(name, 0)
         self.set("fence_deadline", 0.0)
         self.set("incarnation", incarnation)

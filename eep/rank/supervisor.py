@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from eep.events import EventLog
-from eep.membership.errors import LeaseLost, MembershipError
+from eep.membership.errors import EtcdUnavailable, LeaseLost, MembershipError
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.registry import SlotRegistration, SlotState
@@ -91,8 +91,17 @@ class GroupBarrier:
             return False
         self.next_poll = time.monotonic() + self.POLL_S
         kvs, _ = self.client.get_prefix(self.prefix)
-        rounds = [kv.json().get("round") for kv in kvs]
+        rounds = [_round(kv.value) for kv in kvs]
         return rounds.count(self.cfg.group_round) >= self.cfg.group_size
+
+
+def _round(raw: bytes) -> int | None:
+    """The restart round in a ``baseline/<slot>`` entry; None for anything malformed."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value.get("round") if isinstance(value, dict) else None
 
 
 class Supervisor:
@@ -105,6 +114,7 @@ class Supervisor:
         self.worker: subprocess.Popen | None = None
         self.events = EventLog.in_dir(cfg.log_dir, f"supervisor{cfg.slot}")
         self.barrier = GroupBarrier(self.client, self.keys, cfg) if cfg.baseline else None
+        self._etcd_failures = 0  # consecutive failed tries at etcd, for the backoff
 
     def run(self) -> int:
         restarts = 0
@@ -112,6 +122,8 @@ class Supervisor:
             code = self.run_incarnation()
             if self.stop.is_set():
                 return 0
+            if code is None:
+                continue  # no worker was started (etcd away, slot not free): not a restart
             if self.cfg.baseline:
                 log.warning(
                     "slot %d: worker ended (%s); exiting so torchrun restarts every slot",
@@ -131,16 +143,21 @@ class Supervisor:
             )
         return 0
 
-    def run_incarnation(self) -> str:
-        # a worker that stops moving for max(1 s, TTL/3) stops the renewals, so a hang is out
-        # of the view within about TTL + 1 s (steps take milliseconds; waits on peers count)
-        ttl = SessionConfig(ttl_s=self.cfg.ttl_s, stall_s=max(1.0, self.cfg.ttl_s / 3))
-        session = Session(
-            self.client, ttl, progress=self._progress_probe(), name=f"slot {self.cfg.slot}"
-        ).open()
+    def run_incarnation(self) -> str | None:
+        """One incarnation: why its worker ended, or ``None`` when no worker was started
+        (etcd did not answer, or the slot could not be registered): the caller tries again
+        without counting a restart, so an etcd outage never spends a restart budget."""
+        session = self._open_session()
+        if session is None:
+            return None
         reg = SlotRegistration(self.client, self.keys, session, self.cfg.slot, self.cfg.device)
         try:
-            record = reg.register(wait_s=self.cfg.wait_slot_s)
+            try:
+                record = reg.register(wait_s=self.cfg.wait_slot_s)
+            except MembershipError as exc:  # etcd away, the lease gone meanwhile, slot taken
+                self._backoff(f"registering the slot: {exc}")
+                return None
+            self._etcd_failures = 0
             self.events.emit("registered", slot=self.cfg.slot, incarnation=record.incarnation)
             self.status.reset(record.incarnation)
             self.status.set("lease_id", session.lease_id)
@@ -155,6 +172,31 @@ class Supervisor:
             return f"membership error: {exc}"
         finally:
             self._end(session)
+
+    def _open_session(self) -> Session | None:
+        """The incarnation's session: a lease, renewed while the worker makes progress. While
+        etcd does not answer, retry with backoff until it does or the supervisor is stopped."""
+        # a worker that stops moving for max(1 s, TTL/3) stops the renewals, so a hang is out
+        # of the view within about TTL + 1 s (steps take milliseconds; waits on peers count)
+        ttl = SessionConfig(ttl_s=self.cfg.ttl_s, stall_s=max(1.0, self.cfg.ttl_s / 3))
+        while not self.stop.is_set():
+            session = Session(
+                self.client, ttl, progress=self._progress_probe(), name=f"slot {self.cfg.slot}"
+            )
+            try:
+                return session.open()
+            except MembershipError as exc:
+                self._backoff(f"opening a session: {exc}")
+        return None
+
+    def _backoff(self, what: str) -> None:
+        """Wait before the next try at etcd: 0.1 s doubling to 2 s; logged at the first
+        failure and then every 10th, so an outage is visible but not a flood."""
+        self._etcd_failures += 1
+        n = self._etcd_failures
+        if n == 1 or n % 10 == 0:
+            log.warning("slot %d: etcd: %s (try %d); retrying", self.cfg.slot, what, n)
+        self.stop.wait(min(2.0, 0.1 * 2 ** min(n - 1, 5)))
 
     def _progress_probe(self):
         """What the session watches: the worker's counter once it serves; until then (loading
@@ -206,13 +248,13 @@ class Supervisor:
             if not ready and self.status.get("state") == WorkerState.READY:
                 if not self._group_ready(session, barrier_deadline):
                     continue
-                reg.update(SlotState.READY, endpoints={"pid": self.worker.pid})
+                if not self._try(reg.update, SlotState.READY, endpoints={"pid": self.worker.pid}):
+                    continue  # etcd did not answer: the next turn tries again
                 self.events.emit("ready", slot=self.cfg.slot, incarnation=reg.record.incarnation)
                 ready = True
                 log.info("slot %d: incarnation %d ready", self.cfg.slot, reg.record.incarnation)
             resync = self.status.get("resync_epoch")
-            if resync > resync_sent:
-                reg.update(resync_epoch=resync)
+            if resync > resync_sent and self._try(reg.update, resync_epoch=resync):
                 resync_sent = resync
             if time.monotonic() - turn > 0.5:
                 # the fence deadline the worker reads was not refreshed meanwhile
@@ -222,6 +264,17 @@ class Supervisor:
                     time.monotonic() - turn,
                 )
         return "stopped"
+
+    def _try(self, update, *args, **kwargs) -> bool:
+        """``update`` of the slot record; False when etcd did not answer (the session's own
+        renewals decide whether this incarnation lives on: an outage shorter than the fence
+        deadline must not end a serving worker). A lost lease still raises."""
+        try:
+            update(*args, **kwargs)
+            return True
+        except EtcdUnavailable as exc:
+            log.warning("slot %d: updating the slot record: %s; retrying", self.cfg.slot, exc)
+            return False
 
     def _group_ready(self, session: Session, deadline: float) -> bool:
         """True unless this is a baseline slot whose group is not all up yet; past the

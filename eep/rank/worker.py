@@ -35,7 +35,7 @@ from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.view import View
 from eep.membership.watcher import ViewWatcher
-from eep.protocol import Abort, MigrateOut, Release, Submit
+from eep.protocol import Abort, MigrateOut, Refused, Release, Submit
 
 from .build import build_rank
 from .link import FrontendLink
@@ -67,7 +67,10 @@ class Worker:
         kv = self.client.get(self.keys.config)
         if kv is None:
             raise SystemExit(f"no runtime config at {self.keys.config}; start with `eep launch`")
-        self.cfg = RuntimeConfig.from_json(kv.value)
+        try:
+            self.cfg = RuntimeConfig.from_json(kv.value)
+        except ValueError as exc:
+            raise SystemExit(f"{self.keys.config}: {exc}") from exc
         self.status = StatusBlock(cluster, slot)
         self.watcher = ViewWatcher(self.client, self.keys).start()
         rank = build_rank(
@@ -83,7 +86,7 @@ class Worker:
         )
         self.weights, self.view_state = rank.weights, rank.view_state
         self.fabric, self.engine = rank.fabric, rank.engine
-        self.link = FrontendLink(self.client, self.keys, slot, incarnation)
+        self.link = FrontendLink(self.client, self.keys, slot, incarnation, self.cfg.secret_file)
         self.migration = KvMigration(
             slot,
             rank.engine,
@@ -117,6 +120,7 @@ class Worker:
                 time.sleep(0.01)
                 continue
             self.take_requests()
+            self.status.set("kv_free", self.engine.kv.free_blocks)
             if not self.engine.scheduler.has_work() and self._peers_idle():
                 time.sleep(0.002)  # idle everywhere we can tell: join when a peer starts
                 continue
@@ -138,6 +142,7 @@ class Worker:
                 self.events.emit("resumed", slot=self.slot, epoch=self.serving_epoch)
                 self.discarded = False
             self.emit(events)
+            self.status.set("kv_free", self.engine.kv.free_blocks)
 
     def _peers_idle(self) -> bool:
         """Nothing here to do and no peer has started a step (fabrics that cannot tell, the
@@ -219,8 +224,9 @@ class Worker:
                             self.migration.take_over(seq, msg.kv)
                         else:
                             self.engine.add(seq)
-                    except ValueError as exc:
+                    except ValueError as exc:  # it can never fit here: tell the front-end
                         log.error("%s: refusing %s: %s", self._ctx(), msg.id, exc)
+                        self._send(Refused(msg.id, str(exc)))
                 case Abort():
                     self.engine.scheduler.abort(msg.id)
                 case MigrateOut():
@@ -235,6 +241,12 @@ class Worker:
             self.link.send_tokens(events)
         except OSError as exc:
             log.warning("%s: could not send %d tokens: %s", self._ctx(), len(events), exc)
+
+    def _send(self, msg) -> None:
+        try:
+            self.link.send(msg)
+        except OSError as exc:
+            log.warning("%s: could not send %s: %s", self._ctx(), msg.TYPE, exc)
 
 
 def _die_with_parent() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eep.frontend.assign import least_loaded, rebalance_moves, stranded
+from eep.frontend.assign import blocks_for, least_loaded, pick_slot, rebalance_moves, stranded
 from eep.frontend.request_log import Record, RequestState
 from eep.membership.view import View
 from eep.protocol import SamplingParams
@@ -55,3 +55,25 @@ def test_a_view_strands_requests_of_slots_it_dropped_or_replaced():
     view = _view(5, {0: 1, 1: 2})  # slot 1 restarted (incarnation 2), slot 2 gone
     assert [r.request_id for r in stranded(view, recs)] == ["r1", "r2"]
     assert stranded(_view(6, {0: 1, 1: 1, 2: 1}), recs) == []
+
+
+def _sized(i: int, slot: int | None, prompt: int, max_tokens: int) -> Record:
+    return Record(
+        f"s{i}",
+        [1] * prompt,
+        SamplingParams(max_tokens=max_tokens),
+        slot=slot,
+        state=RequestState.RUNNING if slot is not None else RequestState.QUEUED,
+    )
+
+
+def test_pick_slot_takes_the_least_loaded_slot_with_room_for_the_whole_context():
+    # 4 blocks of 16 tokens per slot: slot 0 runs one request of 3 blocks (40 tokens), slot 1
+    # two of one block each; a queued request reserves nothing
+    recs = [_sized(0, 0, 8, 32), _sized(1, 1, 2, 8), _sized(2, 1, 2, 8), _sized(3, None, 9, 500)]
+    assert pick_slot([0, 1], recs, need=16, capacity=4, block_size=16) == 0  # fewer requests
+    assert pick_slot([0, 1], recs, need=17, capacity=4, block_size=16) == 1  # 2 blocks
+    assert pick_slot([0, 1], recs, need=33, capacity=4, block_size=16) is None  # 3 blocks
+    assert pick_slot([0, 1], recs, need=16, capacity=4, block_size=16, exclude=[0]) == 1
+    assert pick_slot([], recs, need=1, capacity=4, block_size=16) is None
+    assert blocks_for(16, 16) == 1 and blocks_for(17, 16) == 2

@@ -134,3 +134,12 @@ def test_the_config_module_does_not_import_torch():
     """The front-end imports eep.config and must not pay for torch."""
     code = "import sys, eep.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b"[1, 2]", b'{"cluster": "c"}', b"[" * 50_000, b'{"cluster": 1, "bogus": 2}'],
+)
+def test_a_garbage_config_is_a_value_error_that_says_so(raw):
+    with pytest.raises(ValueError, match="runtime config"):
+        RuntimeConfig.from_json(raw)

@@ -3,6 +3,7 @@ and logits of the plain path; on the CPU nothing is captured, the padded path it
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eep.engine.attention import BatchAttention
@@ -77,3 +78,22 @@ def test_the_decode_plan_equals_the_general_plan_on_real_rows():
     # the real rows' K/V landed where the plain plan put them; the padded row in the scratch block
     touched = (arena != before).flatten(1).any(1).nonzero().view(-1).tolist()
     assert set(touched) == {t[s // 4] for t, s in zip(tables, starts, strict=True)} | {scratch}
+
+
+def test_a_request_that_can_never_fit_is_refused_not_queued(tiny_dir):
+    """With padded decode steps one block is scratch: a request that needs every block would
+    wait forever at the head of the queue, so the engine refuses it at once, and the config's
+    rank_kv_tokens (what the front-end admits) is the same number."""
+    from eep.config import RuntimeConfig
+
+    model = load_model(tiny_dir, dtype=torch.float64)
+    for graphs in (False, True):
+        engine = Engine(model, kv_blocks=8, block_size=4, decode_graphs=graphs)
+        cfg = RuntimeConfig("c", tiny_dir, 1, 1, kv_blocks=8, block_size=4, cuda_graphs=graphs)
+        assert engine.max_model_len == cfg.rank_kv_tokens == (8 - graphs) * 4
+        too_long = Sequence("big", [1] * 4, [], SamplingParams(max_tokens=(8 - graphs) * 4 - 3))
+        with pytest.raises(ValueError, match=rf"holds for one request \({cfg.rank_kv_tokens} "):
+            engine.add(too_long)
+        fits = Sequence("ok", [1] * 4, [], SamplingParams(max_tokens=(8 - graphs) * 4 - 4))
+        engine.add(fits)
+        assert engine.run_to_completion()["ok"] and len(engine.scheduler.waiting) == 0

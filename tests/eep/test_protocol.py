@@ -15,12 +15,14 @@ from eep.protocol import (
     MESSAGES,
     PROTOCOL_VERSION,
     Abort,
+    Challenge,
     FrameError,
     Hello,
     KvHandoff,
     Migrated,
     MigrateOut,
     MigrateReady,
+    Refused,
     Release,
     SamplingParams,
     Submit,
@@ -32,7 +34,9 @@ from eep.protocol import (
 
 KV = KvHandoff(holder="2", blocks=[4, 5], checksums=["w64-1a", "w64-2b"], num_computed=20)
 EXAMPLES = [
-    Hello(1, 7),
+    Challenge("00ff"),
+    Hello(1, 7, "ab12"),
+    Refused("r1", "prompt too long"),
     Tokens(0, [("r1", 0, 42, None), ("r2", 3, 7, "length")]),
     MigrateReady("r1", 2, KV, [1, 2, 3]),
     MigrateReady("r1", 2),
@@ -62,7 +66,13 @@ def test_every_message_type_has_an_example():
 
 def test_hello_carries_the_protocol_version():
     raw = msgpack.unpackb(_body(encode(Hello(0, 1))))
-    assert raw == {"type": "hello", "slot": 0, "incarnation": 1, "version": PROTOCOL_VERSION}
+    assert raw == {
+        "type": "hello",
+        "slot": 0,
+        "incarnation": 1,
+        "proof": "",
+        "version": PROTOCOL_VERSION,
+    }
 
 
 def _frame(obj) -> bytes:
@@ -76,6 +86,7 @@ def _frame(obj) -> bytes:
         ([1, 2], "must hold a map"),
         ({"type": "abort"}, "abort"),  # missing id
         ({"type": "abort", "id": "r", "extra": 1}, "unknown fields ['extra']"),
+        ({"type": "abort", "id": "r", b"raw": 1, "q": 2}, "unknown fields [\"b'raw'\", 'q']"),
         ({"type": "hello", "slot": "1", "incarnation": 2}, "hello.slot: expected int"),
         ({"type": "hello", "slot": True, "incarnation": 2}, "hello.slot: expected int"),
         ({"type": "migrated", "id": "r", "ok": 1}, "migrated.ok: expected bool"),

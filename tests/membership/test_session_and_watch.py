@@ -203,7 +203,7 @@ def test_the_watcher_skips_a_malformed_view_and_delivers_the_next(etcd, cluster)
     with ViewWatcher(etcd, keys) as watcher:
         assert watcher.wait_for(lambda v: v.epoch == 1, timeout_s=5)
         etcd.put(keys.view, "{garbage")
-        etcd.put(keys.view, View(2, (0, 1), ((0, 1), (1, 1))).to_json())
+        _commit(etcd, keys, [0, 1])  # builds on the history's epoch 1, over the garbage
         latest = watcher.wait_for(lambda v: v.epoch == 2, timeout_s=5)
         assert latest is not None and latest.members == (0, 1)
 
