@@ -78,6 +78,12 @@ class MooncakeTransport:
                 os.environ[key] = value
             else:
                 os.environ.pop(key, None)
+        if config.protocol == "tcp" and _is_loopback(config.hostname):
+            # Mooncake's TCP transport binds its ports to the wildcard address whatever it is
+            # told: keep them on the loopback interface, as everything of a one-host cluster
+            from .loopback import confine_binds
+
+            confine_binds("mooncake/engine.so", "mooncake/libasio.so")
         self = cls(config=config)
         te = TransferEngine()
         rc = te.initialize(
@@ -245,3 +251,12 @@ def start_transport(config: TransferConfig):
 
         return IpcTransport.start(config)
     return MooncakeTransport.start(config)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

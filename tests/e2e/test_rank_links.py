@@ -269,15 +269,6 @@ def test_a_frame_of_the_wrong_shape_or_type_closes_only_its_own_link(cluster, se
 
 # --- what the cluster listens on -------------------------------------------------------------
 
-# Mooncake's Transfer Engine (the CPU ranks' transfer service) binds its handshake/RPC port and
-# its TCP data port to the wildcard address in [MC_MIN_RPC_PORT, MC_MAX_RPC_PORT] whatever it
-# is told (Mooncake 0.3.13; README "Listening sockets"). These are the only listeners allowed
-# off the loopback interface, and only on a worker, in that range, and no more than two.
-MOONCAKE_PORTS = range(
-    int(os.environ.get("MC_MIN_RPC_PORT", "15000")),
-    int(os.environ.get("MC_MAX_RPC_PORT", "17000")) + 1,
-)
-
 
 def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
@@ -351,21 +342,14 @@ def test_every_listener_of_the_cluster_is_on_the_loopback_interface(cluster):
         agent = cluster.procs[f"slot{s}"].pid
         assert any(agent in pids for _, _, pids in mine), f"slot {s}'s torchrun agent has no store"
 
-    off_loopback = [(h, port, pids) for h, port, pids in mine if not _loopback(h)]
-    mooncake: dict[int, set[int]] = {}
-    for host, port, pids in off_loopback:
-        slot = next((workers[p] for p in pids if p in workers), None)
-        assert slot is not None and port in MOONCAKE_PORTS, (
-            f"{host}:{port} (pids {sorted(pids)}) listens beyond the loopback interface"
-        )
-        mooncake.setdefault(slot, set()).add(port)
-    for slot, found in mooncake.items():
+    # Mooncake's two ports on each CPU worker included: eep.transfer.loopback keeps its
+    # wildcard binds on the loopback interface
+    off_loopback = [(h, port, sorted(pids)) for h, port, pids in mine if not _loopback(h)]
+    assert not off_loopback, f"listening beyond the loopback interface: {off_loopback}"
+    for slot in range(cluster.cfg.num_slots):  # and the workers' transfer ports were seen
         manifest = json.loads(cluster.client.get(cluster.keys.manifest(slot)).value)
         session_port = int(manifest["endpoint"]["session"].rpartition(":")[2])
-        assert len(found) <= 2 and session_port in found, (
-            f"slot {slot}'s worker listens on {sorted(found)} beyond the loopback interface; "
-            f"only Mooncake's two ports (its session is on {session_port}) are known to"
-        )
+        assert session_port in ports, f"slot {slot}'s transfer port {session_port} not found"
 
 
 # --- the handshake on real sockets, in this process ------------------------------------------
