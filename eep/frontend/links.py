@@ -119,7 +119,7 @@ class RankLinks:
             try:
                 handshake = self._handshake(reader, writer)
                 hello = await asyncio.wait_for(handshake, self.hello_timeout_s)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
                 raise LinkRefused(f"no hello within {self.hello_timeout_s:g} s") from None
             except FrameError as exc:
                 raise LinkRefused(f"a malformed first frame: {exc}") from None
