@@ -301,13 +301,12 @@ class Frontend:
         log.warning("slot %d refused %s: %s", slot, msg.id, msg.reason)
         rec.refused_by.add(slot)
         rec.slot, rec.state, rec.migrating = None, RequestState.QUEUED, False
-        rec.error = msg.reason  # the last refusal's reason, should every slot refuse
+        rec.refusal = msg.reason  # what the client hears, should every slot refuse
         self.dispatch_queued()
 
     def _refused_everywhere(self, rec: Record) -> None:
         slots = ", ".join(str(s) for s in sorted(rec.refused_by))
-        reason = f"every live rank refused the request (slots {slots}): {rec.error}"
-        rec.error = None
+        reason = f"every live rank refused the request (slots {slots}): {rec.refusal}"
         self.log.fail(rec, reason, code="refused")
         self.aborted["refused"] += 1
 

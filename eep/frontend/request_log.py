@@ -44,6 +44,7 @@ class Record:
     # (slot, incarnation) of every rank that failed while holding it (a view stranded it)
     failed_on: list[tuple[int, int]] = field(default_factory=list)
     refused_by: set[int] = field(default_factory=set)  # slots that refused to run it
+    refusal: str | None = None  # the last refusal's reason, should every slot refuse
     created: float = field(default_factory=time.time)
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
 

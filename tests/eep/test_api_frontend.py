@@ -134,6 +134,20 @@ def test_a_refused_request_tries_another_slot_and_fails_once_every_slot_refused(
     asyncio.run(main())
 
 
+def test_a_request_refused_once_then_served_elsewhere_is_not_an_error():
+    async def main():
+        front = _front()
+        rec = _rec(0, tokens=16)
+        assert front.admit(rec) and rec.slot == 0
+        front.on_refused(0, Refused("r0", "KV too small"))
+        assert rec.slot == 1
+        front.on_tokens(1, 1, Tokens(1, [("r0", 0, 5, "length")]))
+        assert rec.state is RequestState.FINISHED and rec.finish_reason == "length"
+        assert rec.error is None and rec.error_code is None  # what the API answers from
+
+    asyncio.run(main())
+
+
 def test_lent_kv_that_no_one_will_read_is_released():
     async def main():
         front = _front()
