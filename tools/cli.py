@@ -31,6 +31,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "recovery": ("bench_recovery", "rank killed at capacity: served rate, stalls, vs full restart"),
     "serve": ("bench_serve", "decode tokens/s: elastic fabric vs checks off vs the NCCL baseline"),
     "chaos": ("bench_chaos", "fault matrix: named fault cases x repeats, every invariant checked"),
+    "stability": ("bench_stability", "clean launches and steady load: no view change may happen"),
 }
 
 
