@@ -120,6 +120,7 @@ class Worker:
                 time.sleep(0.01)
                 continue
             self.take_requests()
+            # free KV for tooling, once a turn: a step's changes show at the next turn
             self.status.set("kv_free", self.engine.kv.free_blocks)
             if not self.engine.scheduler.has_work() and self._peers_idle():
                 time.sleep(0.002)  # idle everywhere we can tell: join when a peer starts
@@ -142,7 +143,6 @@ class Worker:
                 self.events.emit("resumed", slot=self.slot, epoch=self.serving_epoch)
                 self.discarded = False
             self.emit(events)
-            self.status.set("kv_free", self.engine.kv.free_blocks)
 
     def _peers_idle(self) -> bool:
         """Nothing here to do and no peer has started a step (fabrics that cannot tell, the
