@@ -18,6 +18,7 @@ import time
 from aiohttp import web
 
 from eep.config import RuntimeConfig
+from eep.membership.backoff import Backoff
 from eep.membership.errors import MembershipError
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
@@ -95,22 +96,18 @@ async def serve(
 def _publish(
     client: EtcdClient, keys: Keys, cfg: RuntimeConfig, address: dict, stop: threading.Event
 ) -> Session | None:
-    """A session and the front-end key under it, retried with backoff (0.1 s doubling to 2 s)
-    until etcd answers (how ranks find this front-end); None once ``stop`` is set."""
-    delay, tries = 0.1, 0
+    """A session and the front-end key under it, retried with backoff (``Backoff``) until
+    etcd answers (how ranks find this front-end); None once ``stop`` is set."""
+    backoff = Backoff(log, "front-end")
     while not stop.is_set():
         session = Session(client, SessionConfig(ttl_s=cfg.ttl_s), name="frontend")
         try:
             session.open()
             client.put(keys.frontend, json.dumps(address), lease=session.lease_id)
-            if tries:
+            if tries := backoff.succeeded():
                 log.info("front-end: published again after %d tries", tries)
             return session
         except MembershipError as exc:
             session.close(revoke=False)
-            tries += 1
-            if tries == 1 or tries % 10 == 0:
-                log.warning("front-end: etcd: %s (try %d); retrying", exc, tries)
-            stop.wait(delay)
-            delay = min(2.0, delay * 2)
+            backoff.failed(str(exc), stop)
     return None

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 from eep.events import EventLog
+from eep.membership.backoff import Backoff
 from eep.membership.errors import EtcdUnavailable, LeaseLost, MembershipError
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
@@ -114,7 +115,7 @@ class Supervisor:
         self.worker: subprocess.Popen | None = None
         self.events = EventLog.in_dir(cfg.log_dir, f"supervisor{cfg.slot}")
         self.barrier = GroupBarrier(self.client, self.keys, cfg) if cfg.baseline else None
-        self._etcd_failures = 0  # consecutive failed tries at etcd, for the backoff
+        self.backoff = Backoff(log, f"slot {cfg.slot}")  # between tries at etcd
 
     def run(self) -> int:
         restarts = 0
@@ -155,9 +156,9 @@ class Supervisor:
             try:
                 record = reg.register(wait_s=self.cfg.wait_slot_s)
             except MembershipError as exc:  # etcd away, the lease gone meanwhile, slot taken
-                self._backoff(f"registering the slot: {exc}")
+                self.backoff.failed(f"registering the slot: {exc}", self.stop)
                 return None
-            self._etcd_failures = 0
+            self.backoff.succeeded()
             self.events.emit("registered", slot=self.cfg.slot, incarnation=record.incarnation)
             self.status.reset(record.incarnation)
             self.status.set("lease_id", session.lease_id)
@@ -186,17 +187,8 @@ class Supervisor:
             try:
                 return session.open()
             except MembershipError as exc:
-                self._backoff(f"opening a session: {exc}")
+                self.backoff.failed(f"opening a session: {exc}", self.stop)
         return None
-
-    def _backoff(self, what: str) -> None:
-        """Wait before the next try at etcd: 0.1 s doubling to 2 s; logged at the first
-        failure and then every 10th, so an outage is visible but not a flood."""
-        self._etcd_failures += 1
-        n = self._etcd_failures
-        if n == 1 or n % 10 == 0:
-            log.warning("slot %d: etcd: %s (try %d); retrying", self.cfg.slot, what, n)
-        self.stop.wait(min(2.0, 0.1 * 2 ** min(n - 1, 5)))
 
     def _progress_probe(self):
         """What the session watches: the worker's counter once it serves; until then (loading
