@@ -68,11 +68,18 @@ class MalformedRecord(MembershipError):
 INT64_MAX = 2**63 - 1
 
 
+def strict_json(raw: bytes | str) -> Any:
+    """JSON with no NaN or Infinity and no number that overflows a float: what etcd values
+    (here) and request bodies (the front-end's API) are read with. Raises ``ValueError``
+    (``JSONDecodeError`` and ``UnicodeDecodeError`` included) or ``RecursionError``."""
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def decode_object(raw: bytes | str, where: str, error: type[MembershipError]) -> dict[str, Any]:
     """``raw`` as a JSON object: UTF-8, no NaN or Infinity, bounded nesting."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        obj = strict_json(text)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise error(f"{where} is not JSON ({_short(exc)}): {clip(raw)}") from None
     if not isinstance(obj, dict):
@@ -110,7 +117,7 @@ def _no_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} overflows a float")
+        raise ValueError(f"{text[:40]} does not fit a float")
     return value
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import secrets
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from eep.membership.errors import strict_json
 from eep.protocol import SamplingParams
 
 from .metrics import FrontendCollector
@@ -94,23 +94,12 @@ def decode_body(raw: bytes) -> Any:
     """The JSON value of a request body; 400 unless it is strict JSON (no NaN, no Infinity, no
     number that overflows a float)."""
     try:
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        return strict_json(raw)
     except RecursionError:
         raise _invalid("the body is not JSON this server takes: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
         why = "a number has too many digits" if "int" in str(exc) and "digits" in str(exc) else exc
         raise _invalid(f"the body is not JSON: {why}") from None
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} does not fit a float")
-    return value
 
 
 # OpenAI fields EEP does not honour: their default values pass, anything else is a 400
