@@ -23,6 +23,7 @@ from eep.engine.moe_exec import FabricMoE
 from eep.events import EventLog
 from eep.fabrics.base import Fabric, FabricConfig, FabricMember
 from eep.fabrics.factory import make_fabric
+from eep.membership.errors import MembershipError, decode_object
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.model.config import ModelConfig
@@ -122,11 +123,9 @@ def build_rank(
         if kv is None:
             return None
         try:
-            info = kv.json()
-        except ValueError:
-            info = None
-        if not isinstance(info, dict):
-            log.warning("slot %d: fabric/%d is not a fabric export; ignoring it", slot, peer)
+            info = decode_object(kv.value, kv.key, MembershipError)
+        except MembershipError as exc:
+            log.warning("slot %d: %s; ignoring it", slot, exc)
             return None
         return info if info.get("incarnation") == peer_incarnation else None
 

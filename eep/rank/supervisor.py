@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from eep.events import EventLog
 from eep.membership.backoff import Backoff
-from eep.membership.errors import EtcdUnavailable, LeaseLost, MembershipError
+from eep.membership.errors import EtcdUnavailable, LeaseLost, MembershipError, decode_object
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.registry import SlotRegistration, SlotState
@@ -99,10 +99,9 @@ class GroupBarrier:
 def _round(raw: bytes) -> int | None:
     """The restart round in a ``baseline/<slot>`` entry; None for anything malformed."""
     try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
+        return decode_object(raw, "baseline entry", MembershipError).get("round")
+    except MembershipError:
         return None
-    return value.get("round") if isinstance(value, dict) else None
 
 
 class Supervisor:
