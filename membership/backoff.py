@@ -15,12 +15,13 @@ class Backoff:
         self.log, self.prefix = log, prefix
         self.tries = 0  # consecutive failures since the last success
 
-    def failed(self, what: str, stop: threading.Event) -> None:
-        """Count a failure, log it if due, and wait (less if ``stop`` is set meanwhile)."""
+    def failed(self, what: str, stop: threading.Event, cap_s: float = MOST_S) -> None:
+        """Count a failure, log it if due, and wait, at most ``cap_s`` (less if ``stop`` is
+        set meanwhile)."""
         self.tries += 1
         if self.tries == 1 or self.tries % LOG_EVERY == 0:
             self.log.warning("%s: etcd: %s (try %d); retrying", self.prefix, what, self.tries)
-        stop.wait(min(MOST_S, FIRST_S * 2 ** min(self.tries - 1, 5)))
+        stop.wait(min(cap_s, FIRST_S * 2 ** min(self.tries - 1, 5)))
 
     def succeeded(self) -> int:
         """Reset; returns how many tries had failed before."""

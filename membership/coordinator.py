@@ -8,6 +8,11 @@ epoch when they differ:
 - a slot registered ``ready`` outside the view (or as a newer incarnation) joins it.
 Every commit is fenced by the leader's election key, so a deposed leader cannot commit.
 
+After an etcd outage the leader waits ``outage_grace_s`` (from the last failure it saw)
+before it takes a *vanished* record for a departure: a global outage can expire every slot's
+lease at once, and their supervisors re-attach the same incarnations as soon as etcd answers
+(design.md 5.8). A record that names another incarnation still removes the old one at once.
+
 Bad data in etcd never stops it: a malformed slot record (wrong types, a slot other than its
 key's or outside ``num_slots``, no lease) is logged once and counts as absent, so the view is
 committed for the well-formed slots; a ``view`` the history does not hold is replaced
@@ -61,6 +66,13 @@ class CoordinatorConfig:
     identity: str = ""
     initial_members: int = 1  # the first view waits for this many ready slots
     num_slots: int | None = None  # the cluster's, where known: records of other slots are bad
+    # how long after an etcd failure a vanished record is not yet a departure (None: TTL + 2 s,
+    # time for every supervisor to see that etcd is back and re-attach)
+    outage_grace_s: float | None = None
+
+    @property
+    def grace_s(self) -> float:
+        return self.ttl_s + 2.0 if self.outage_grace_s is None else self.outage_grace_s
 
     def __post_init__(self) -> None:
         if self.num_slots is not None and self.num_slots < 1:
@@ -87,12 +99,17 @@ def resync_requests(current: View | None, records: dict[int, SlotRecord]) -> lis
 
 
 def next_members(
-    current: View | None, records: dict[int, SlotRecord]
+    current: View | None, records: dict[int, SlotRecord], hold_vanished: bool = False
 ) -> tuple[dict[int, int], list[int], list[int]]:
-    """Pure reconciliation: ``({slot: incarnation}, removed, added)`` for the next view."""
+    """Pure reconciliation: ``({slot: incarnation}, removed, added)`` for the next view.
+    ``hold_vanished``: a member whose record is gone stays (just after an etcd outage); one
+    whose record names another incarnation leaves all the same."""
     members = dict(current.incarnations) if current else {}
     removed = sorted(
-        s for s, inc in members.items() if s not in records or records[s].incarnation != inc
+        s
+        for s, inc in members.items()
+        if (s not in records and not hold_vanished)
+        or (s in records and records[s].incarnation != inc)
     )
     for s in removed:
         del members[s]
@@ -117,6 +134,9 @@ class Coordinator:
         self.is_leader = threading.Event()
         self.commits = 0
         self._stop = threading.Event()
+        self._last_failure = 0.0  # monotonic time of the last etcd failure seen (0: none)
+        self._session: Session | None = None
+        self._held: tuple[int, ...] = ()
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,6 +148,7 @@ class Coordinator:
                 with Session(
                     self.client, SessionConfig(ttl_s=self.config.ttl_s), name="coordinator"
                 ) as session:
+                    self._session = session
                     election = Election(
                         self.client, self.keys.coordinator, session, self.config.identity
                     )
@@ -137,6 +158,8 @@ class Coordinator:
                         election.resign()
             except (EtcdUnavailable, LeaseLost, FenceFailed) as exc:
                 log.warning("coordinator: %s; campaigning again", exc)
+                if not isinstance(exc, FenceFailed):
+                    self._last_failure = time.monotonic()
                 self._stop.wait(0.2)
             except (MalformedView, StaleView) as exc:
                 # not a crash loop: say what is wrong, then look again (the epochs are spent,
@@ -192,12 +215,15 @@ class Coordinator:
             try:
                 stream = self.client.watch(self.keys.slots, revision + 1, prefix=True)
             except EtcdUnavailable:
+                self._last_failure = time.monotonic()
                 self._stop.wait(0.2)
                 continue
             try:
                 revision = self._follow(stream, session, election, revision)
             except (WatchBroken, WatchCompacted, EtcdUnavailable) as exc:
                 log.info("coordinator: slot watch interrupted (%s); resyncing", exc)
+                if isinstance(exc, EtcdUnavailable):
+                    self._last_failure = time.monotonic()
                 self._stop.wait(0.1)
                 revision = self.reconcile(election)
             finally:
@@ -224,12 +250,32 @@ class Coordinator:
             if left <= 0 or stream.get(left) is None:
                 return
 
+    def _in_grace(self) -> bool:
+        """Whether an etcd failure (this process's own requests or its session's renewals)
+        was seen less than ``grace_s`` ago."""
+        session_failure = self._session.last_failure if self._session else 0.0
+        last = max(self._last_failure, session_failure)
+        return bool(last) and time.monotonic() - last < self.config.grace_s
+
+    def _say_held(self, held: list[int]) -> None:
+        if held and tuple(held) != self._held:
+            log.warning(
+                "slots %s have no record just after an etcd outage; keeping them in the view "
+                "for up to %.1f s while their supervisors re-attach",
+                held,
+                self.config.grace_s,
+            )
+        self._held = tuple(held)
+
     def reconcile(self, election: Election) -> int:
         """Commit the next view if the registrations call for one; returns the read revision."""
         records, revision = read_slots(self.client, self.keys, self.config.num_slots)
+        hold = self._in_grace()
 
         def decide(current: View | None) -> View | None:
-            members, removed, added = next_members(current, records)
+            members, removed, added = next_members(current, records, hold_vanished=hold)
+            if hold and current is not None:
+                self._say_held(sorted(s for s in current.members if s not in records))
             resync = resync_requests(current, records)
             if not removed and not added and not resync:
                 return None

@@ -33,6 +33,17 @@ class Fenced(LeaseLost):
     """The session passed its self-fence deadline without a successful renewal."""
 
 
+class LeaseExpiredInOutage(LeaseLost):
+    """The lease ran out while etcd could not be reached and the owner was still making
+    progress: an outage, not a hang. A slot supervisor may re-attach its record under a new
+    lease (``SlotRegistration.reattach``) if the committed view still lists it."""
+
+
+class Excluded(LeaseLost):
+    """The committed view no longer lists this incarnation (or a newer one holds the slot):
+    it must stop serving for good."""
+
+
 class StaleView(MembershipError):
     """A view was based on an epoch that is no longer the committed one."""
 

@@ -17,9 +17,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .commit import read_committed
 from .errors import (
     MALFORMED,
     EtcdRequestError,
+    Excluded,
     LeaseLost,
     MalformedRecord,
     SlotTaken,
@@ -323,6 +325,48 @@ class SlotRegistration:
             )
         self.record = record
         return record
+
+    def reattach(self, session: Session) -> SlotRecord:
+        """After an etcd outage in which this slot's lease ran out, write the same record
+        (same incarnation) again under ``session``'s new lease, and own the slot through it.
+
+        Allowed only while nothing has moved on without this incarnation, all compared in the
+        one transaction: the key is still absent, the incarnation counter still names this
+        incarnation, and the committed ``view`` (compared on its revision) still lists it, or,
+        for a slot still ``joining``, lists no other incarnation of it. Otherwise the
+        incarnation is over: :class:`Excluded`. A lost race with another write re-reads."""
+        assert self.record is not None, "register() first"
+        key, inc_key = self.keys.slot(self.slot), self.keys.incarnation(self.slot)
+        mine = self.record.incarnation
+        for _ in range(5):
+            session.check()
+            state = read_committed(self.client, self.keys)
+            listed = state.view.incarnation(self.slot) if state.view else None
+            if listed != mine and (listed is not None or self.record.state is SlotState.READY):
+                epoch = state.view.epoch if state.view else 0
+                raise Excluded(f"slot {self.slot}: view {epoch} does not list incarnation {mine}")
+            counter = self.client.get(inc_key)
+            if counter is None or parse_counter(counter.value, inc_key) != mine:
+                raise Excluded(f"slot {self.slot}: a newer incarnation than {mine} registered")
+            record = SlotRecord(**{**asdict(self.record), "lease_id": session.lease_id})
+            res = self.client.txn(
+                [
+                    cmp_create(key, 0),
+                    cmp_mod(inc_key, counter.mod_revision),
+                    cmp_mod(self.keys.view, state.view_revision),
+                ],
+                [op_put(key, record.to_json(), session.lease_id)],
+            )
+            if res.succeeded:
+                self.session, self.record = session, record
+                log.info(
+                    "slot %d: incarnation %d re-attached (lease %x)",
+                    self.slot,
+                    mine,
+                    session.lease_id,
+                )
+                return record
+        raise Excluded(f"slot {self.slot}: could not re-attach incarnation {mine}; giving up")
 
 
 def revoke_slot(client: EtcdClient, keys: Keys, slot: int, incarnation: int | None = None) -> bool:

@@ -7,6 +7,14 @@ dead process. The owner also gets a self-fence deadline on the monotonic clock,
 on the server, so the owner must act as if it were (``check()`` raises :class:`Fenced`).
 A renewal's clock starts when it is sent, and etcd only ever extends a lease (a leader change
 resets it to the full TTL), so the deadline is a safe lower bound of the server's expiry.
+
+With ``ride_outages`` (the slot supervisors) a deadline that passes while etcd does not
+answer and the owner still makes progress does not end the session: it *rides* the outage,
+renewing every 0.1 s, and ``check()`` raises :class:`EtcdUnavailable` instead of fencing.
+When etcd answers again the lease either lives (renewed as usual) or is gone, and the session
+ends with :class:`LeaseExpiredInOutage`, which the owner may answer by re-attaching under a
+new lease (design.md 5.8 argues why serving on is safe). A hang is never ridden out: no
+progress for ``stall_s`` stops the renewals, and the deadline then fences as always.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import EtcdRequestError, EtcdUnavailable, Fenced, LeaseLost
+from .errors import EtcdRequestError, EtcdUnavailable, Fenced, LeaseExpiredInOutage, LeaseLost
 from .etcd import EtcdClient
 
 log = logging.getLogger(__name__)
@@ -27,11 +35,13 @@ log = logging.getLogger(__name__)
 class SessionConfig:
     """``ttl_s``: lease TTL asked of etcd; ``margin_s``: fence this long before it runs out;
     ``stall_s``: stop renewing when the progress probe has not moved for this long
-    (default: the TTL)."""
+    (default: the TTL); ``ride_outages``: past the deadline, keep going while etcd does not
+    answer and the owner makes progress (see the module docstring)."""
 
     ttl_s: int = 3
     margin_s: float = 0.3
     stall_s: float | None = None
+    ride_outages: bool = False
 
     def __post_init__(self) -> None:
         if self.ttl_s < 1:
@@ -69,6 +79,9 @@ class Session:
         self.loss: LeaseLost | None = None
         self._stop = threading.Event()
         self._last_renewal = 0.0
+        self._failing_since: float | None = None  # first failed renewal since the last success
+        self._stalled = False  # the progress probe stopped moving: renewals withheld
+        self.last_failure = 0.0  # monotonic time of the last failed renewal (0: none yet)
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -113,17 +126,37 @@ class Session:
         """Monotonic time after which the lease may be gone on the server."""
         return self._last_renewal + self.ttl_s - self.config.margin_s
 
+    def riding_outage(self) -> bool:
+        """Renewals fail because etcd does not answer while the owner makes progress
+        (``ride_outages`` sessions only): past the deadline, the session goes on."""
+        return (
+            self.config.ride_outages
+            and not self.done.is_set()
+            and self._failing_since is not None
+            and not self._stalled
+        )
+
+    def outage_s(self) -> float:
+        """How long renewals have been failing (0 while they succeed)."""
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def alive(self) -> bool:
-        return not self.done.is_set() and time.monotonic() < self.deadline
+        return not self.done.is_set() and (time.monotonic() < self.deadline or self.riding_outage())
 
     def check(self) -> None:
         """Raise unless the session provably still holds its lease. Call before every write
-        made on the slot's behalf."""
+        made on the slot's behalf. While riding an outage this raises
+        :class:`EtcdUnavailable` (a write could not reach etcd anyway), not :class:`Fenced`."""
         if self.loss is not None:
             raise self.loss
         if self.done.is_set():
             raise LeaseLost(f"{self.name}: session closed")
         if time.monotonic() >= self.deadline:
+            if self.riding_outage():
+                raise EtcdUnavailable(
+                    f"{self.name}: etcd has not answered a renewal for {self.outage_s():.1f} s"
+                )
             self._end(Fenced(f"{self.name}: no lease renewal for {self.ttl_s} s; fenced"))
             raise self.loss  # type: ignore[misc]
 
@@ -132,7 +165,7 @@ class Session:
             return
         self.loss = loss
         if loss is not None:
-            log.warning("%s: %s", self.name, loss)
+            log.warning("%s", loss)  # every loss names the session
         self._stop.set()
         self.done.set()
 
@@ -145,28 +178,40 @@ class Session:
         last_change = time.monotonic()
         wait = interval
         due = time.monotonic() + wait
+        said_riding = 0.0
         while not self._stop.wait(wait):
             now = time.monotonic()
             if now - due > interval / 2:
                 # the renewal thread itself was not scheduled in time (a starved host): said
                 # here, so a fence that follows is explained in the owner's log
                 log.warning("%s: renewal loop woke %.2f s late", self.name, now - due)
-            if now >= self.deadline:
-                self._end(Fenced(f"{self.name}: lease {self.lease_id:x} not renewed in time"))
-                return
             if self.progress is not None:
                 seen = self.progress()
                 if seen != last_seen:
-                    last_seen, last_change = seen, now
+                    last_seen, last_change, self._stalled = seen, now, False
                 elif now - last_change > stall_s:
+                    self._stalled = True
+            if now >= self.deadline:
+                if not self.riding_outage():
+                    self._end(Fenced(f"{self.name}: lease {self.lease_id:x} not renewed in time"))
+                    return
+                if now - said_riding >= 5.0:
+                    said_riding = now
                     log.warning(
-                        "%s: owner made no progress for %.1f s; not renewing",
+                        "%s: etcd has not answered for %.1f s; serving on under the last view "
+                        "and renewing as soon as it does",
                         self.name,
-                        now - last_change,
+                        self.outage_s(),
                     )
-                    wait = interval
-                    due = time.monotonic() + wait
-                    continue
+            if self._stalled:
+                log.warning(
+                    "%s: owner made no progress for %.1f s; not renewing",
+                    self.name,
+                    now - last_change,
+                )
+                wait = interval
+                due = time.monotonic() + wait
+                continue
             wait = self._renew_once(now, interval)
             due = time.monotonic() + wait
 
@@ -178,8 +223,12 @@ class Session:
         try:
             ttl = self.client.lease_keepalive(self.lease_id, timeout_s=max(0.25, interval / 2))
         except (EtcdUnavailable, EtcdRequestError) as exc:
-            # etcd restarting or unreachable: retry quickly until the fence deadline
-            log.info("%s: renewal failed (%s); retrying", self.name, exc.__class__.__name__)
+            # etcd restarting or unreachable: retry quickly until the fence deadline (or, when
+            # riding outages, until it answers)
+            self.last_failure = time.monotonic()
+            if self._failing_since is None:  # the first of a run: the rest are said every 5 s
+                log.info("%s: renewal failed (%s); retrying", self.name, exc.__class__.__name__)
+                self._failing_since = sent
             return min(0.1, interval)
         took = time.monotonic() - sent
         if took > interval / 2:
@@ -187,7 +236,17 @@ class Session:
                 "%s: a renewal took %.2f s (asked to take %.2f)", self.name, took, interval / 2
             )
         if ttl <= 0:
-            self._end(LeaseLost(f"{self.name}: lease {self.lease_id:x} expired or was revoked"))
+            if self.config.ride_outages and self._failing_since is not None:
+                self._end(
+                    LeaseExpiredInOutage(
+                        f"{self.name}: lease {self.lease_id:x} ran out during an etcd outage "
+                        f"of {sent - self._failing_since:.1f} s"
+                    )
+                )
+            else:
+                self._end(LeaseLost(f"{self.name}: lease {self.lease_id:x} expired or was revoked"))
             return interval
-        self._last_renewal = sent
+        if self._failing_since is not None:
+            log.info("%s: renewed again after %.1f s", self.name, sent - self._failing_since)
+        self._last_renewal, self._failing_since = sent, None
         return interval

@@ -7,7 +7,13 @@ each incarnation it grants a lease, registers ``joining``, starts the worker, an
 - marks the slot ``ready`` when the worker says it is;
 - the moment the worker exits, revokes the lease (a crash is seen in milliseconds);
 - when the session ends (fenced, lease lost), kills the worker;
-then starts the next incarnation. A worker whose supervisor dies exits too (parent-death
+then starts the next incarnation.
+
+An etcd outage is ridden out, not fenced (design.md 5.8): the session keeps trying to renew,
+the worker keeps serving under the last view it applied, and its fence deadline is pushed on
+while it makes progress. If the lease ran out meanwhile, the supervisor re-attaches the same
+incarnation under a new lease, provided the committed view still lists it; if the view moved
+on without it, the incarnation ends as usual. A worker whose supervisor dies exits too (parent-death
 signal in the worker).
 
 In ``baseline`` mode (the full-restart baseline) it starts no next incarnation: once the
@@ -30,7 +36,14 @@ from dataclasses import dataclass
 
 from eep.events import EventLog
 from eep.membership.backoff import Backoff
-from eep.membership.errors import EtcdUnavailable, LeaseLost, MembershipError, decode_object
+from eep.membership.errors import (
+    EtcdUnavailable,
+    Excluded,
+    LeaseExpiredInOutage,
+    LeaseLost,
+    MembershipError,
+    decode_object,
+)
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.registry import SlotRegistration, SlotState
@@ -163,7 +176,7 @@ class Supervisor:
             self.status.set("lease_id", session.lease_id)
             self.status.set("fence_deadline", session.deadline)
             self.worker = self._spawn(record.incarnation)
-            return self._watch(session, reg)
+            return self._watch(reg)
         except LeaseLost as exc:
             return f"lease lost: {exc}"
         except MembershipError as exc:
@@ -171,14 +184,16 @@ class Supervisor:
             time.sleep(0.5)
             return f"membership error: {exc}"
         finally:
-            self._end(session)
+            self._end(reg.session)
 
     def _open_session(self) -> Session | None:
         """The incarnation's session: a lease, renewed while the worker makes progress. While
         etcd does not answer, retry with backoff until it does or the supervisor is stopped."""
         # a worker that stops moving for max(1 s, TTL/3) stops the renewals, so a hang is out
         # of the view within about TTL + 1 s (steps take milliseconds; waits on peers count)
-        ttl = SessionConfig(ttl_s=self.cfg.ttl_s, stall_s=max(1.0, self.cfg.ttl_s / 3))
+        ttl = SessionConfig(
+            ttl_s=self.cfg.ttl_s, stall_s=max(1.0, self.cfg.ttl_s / 3), ride_outages=True
+        )
         while not self.stop.is_set():
             session = Session(
                 self.client, ttl, progress=self._progress_probe(), name=f"slot {self.cfg.slot}"
@@ -223,19 +238,22 @@ class Supervisor:
             stderr=subprocess.STDOUT if out else None,
         )
 
-    def _watch(self, session: Session, reg: SlotRegistration) -> str:
+    def _watch(self, reg: SlotRegistration) -> str:
         ready, resync_sent = False, 0
         barrier_deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not self.stop.is_set():
             turn = time.monotonic()
+            session = reg.session
             code = self.worker.poll()
             if code is not None:
                 self.events.emit("worker_exited", slot=self.cfg.slot, code=code)
                 return f"worker exited with {code}"
             if session.done.wait(0.02):
+                if isinstance(session.loss, LeaseExpiredInOutage) and self._reattach(reg):
+                    continue
                 self.events.emit("session_lost", slot=self.cfg.slot, reason=str(session.loss))
                 return f"session ended: {session.loss}"
-            self.status.set("fence_deadline", session.deadline)
+            self.status.set("fence_deadline", self._worker_deadline(session))
             if not ready and self.status.get("state") == WorkerState.READY:
                 if not self._group_ready(session, barrier_deadline):
                     continue
@@ -255,6 +273,47 @@ class Supervisor:
                     time.monotonic() - turn,
                 )
         return "stopped"
+
+    def _worker_deadline(self, session: Session, outage: bool = False) -> float:
+        """The fence deadline the worker obeys: the session's, except while etcd does not
+        answer and the worker moves (design.md 5.8): then far enough ahead to outlast one
+        blocked etcd request of this loop, and pushed on every turn."""
+        if outage or session.riding_outage():
+            return time.monotonic() + self.cfg.ttl_s + self.client.timeout_s + 1.0
+        return session.deadline
+
+    def _reattach(self, reg: SlotRegistration) -> bool:
+        """The lease ran out during an etcd outage: the same incarnation under a new lease,
+        if the view still lists it. Meanwhile the worker serves on (its deadline is pushed
+        while it moves). False: it is excluded, or the worker stopped, or we were stopped."""
+        old = reg.session
+        while not self.stop.is_set() and self.worker.poll() is None:
+            self.status.set("fence_deadline", self._worker_deadline(old, outage=True))
+            session = Session(
+                self.client, old.config, progress=old.progress, name=f"slot {self.cfg.slot}"
+            )
+            try:
+                session.open()
+                reg.reattach(session)
+            except Excluded as exc:
+                session.close(revoke=True)
+                log.warning("slot %d: not re-attaching: %s", self.cfg.slot, exc)
+                return False
+            except MembershipError as exc:  # etcd away again: try again shortly
+                session.close(revoke=True)
+                self.backoff.failed(f"re-attaching the slot: {exc}", self.stop, cap_s=0.5)
+                continue
+            self.backoff.succeeded()
+            self.status.set("lease_id", session.lease_id)
+            self.status.set("fence_deadline", session.deadline)
+            self.events.emit(
+                "reattached",
+                slot=self.cfg.slot,
+                incarnation=reg.record.incarnation,
+                outage_s=round(old.outage_s(), 3),
+            )
+            return True
+        return False
 
     def _try(self, update, *args, **kwargs) -> bool:
         """``update`` of the slot record; False when etcd did not answer (the session's own

@@ -41,6 +41,7 @@ def start_cluster(
     slots: int = 4,
     baseline: bool = False,
     cuda_graphs: bool = False,
+    cluster_type: type[Cluster] = Cluster,
 ) -> Cluster:
     cfg = RuntimeConfig.for_cluster(
         new_cluster_name("e2e"),
@@ -53,7 +54,7 @@ def start_cluster(
         cuda_graphs=cuda_graphs,
     )
     opts = ClusterOptions(cfg, torchrun=torchrun, log_dir=str(tmp_path), baseline=baseline)
-    return Cluster(opts).start(timeout_s=180)
+    return cluster_type(opts).start(timeout_s=180)
 
 
 def reference_outputs(model_dir: str, prompts: list[list[int]], params: list[SamplingParams]):
