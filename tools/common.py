@@ -208,13 +208,6 @@ def cuda_graphs(args: argparse.Namespace) -> bool:
     return default_cuda_graphs(args.device) if args.cuda_graphs is None else args.cuda_graphs
 
 
-def exchange_timeout_s(args: argparse.Namespace) -> float:
-    """``--exchange-timeout`` resolved, in seconds: :func:`default_exchange_timeout_s` of
-    ``--device`` unless given."""
-    given = args.exchange_timeout
-    return default_exchange_timeout_s(args.device) if given is None else given
-
-
 def connect(args: argparse.Namespace) -> tuple[EtcdClient, Keys]:
     return EtcdClient(args.etcd, timeout_s=args.etcd_timeout), Keys(args.cluster)
 

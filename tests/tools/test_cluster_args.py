@@ -9,7 +9,7 @@ import pytest
 
 from eep.model.config import ModelConfig
 from eep.tools.cli import build_parser
-from eep.tools.common import exchange_timeout_s, runtime_config
+from eep.tools.common import runtime_config
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_a_command_without_a_flag_gets_the_builder_default(model_dir):
     assert (cfg.num_slots, cfg.dtype, cfg.ttl_s, cfg.exchange_timeout_s) == (3, "float64", 3, 2.0)
 
 
-def test_every_command_shares_the_flag_definitions():
+def test_every_command_shares_the_flag_definitions(model_dir):
     parser = build_parser()
     for argv in (["launch", "--tiny"], ["bench", "recovery"], ["bench", "chaos"], ["demo"]):
         args = parser.parse_args(argv)
@@ -78,8 +78,12 @@ def test_every_command_shares_the_flag_definitions():
         if hasattr(args, "ttl"):
             assert args.ttl == 3
     recovery = parser.parse_args(["bench", "recovery", "--device", "cuda"])
-    assert recovery.exchange_timeout is None and exchange_timeout_s(recovery) == 0.5
-    assert exchange_timeout_s(parser.parse_args(["launch", "--tiny"])) == 2.0
+    assert recovery.exchange_timeout is None
+    assert runtime_config(recovery, model_dir, "r").exchange_timeout_s == 0.5
+    assert (
+        runtime_config(parser.parse_args(["launch", "--tiny"]), model_dir, "l").exchange_timeout_s
+        == 2.0
+    )
 
 
 # --- the admission flags (eep launch) ----------------------------------------------------
