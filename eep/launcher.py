@@ -12,6 +12,11 @@ its weights from disk. Membership still goes through etcd, so clients see the sa
 Each cluster gets a secret (``<workdir>/secret``, mode 0600, unless the runtime config names a
 file already) that the front-end challenges every rank link to prove (``eep.auth``).
 
+Once the cluster is up, a supervision thread restarts the front-end and the coordinators
+whenever one exits while the cluster is not stopping (a slot's supervisor is torchrun's, or the
+supervisor's own, business). The front-end is restarted on the same HTTP port, picked once
+when none was asked for, so clients retry the same URL.
+
 Nothing listens beyond 127.0.0.1 unless asked: etcd, the front-end (``ClusterOptions.host``),
 the torchrun agents' stores (``eep.torchrun``, ``--local-addr 127.0.0.1``) and the nccl
 fabric's store do; NCCL's and gloo's own sockets use the loopback interface unless
@@ -30,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +54,27 @@ log = logging.getLogger(__name__)
 
 class LaunchError(RuntimeError):
     """The cluster did not come up; the message names the log to read."""
+
+
+WATCH_EVERY_S = 0.05  # how often the supervision thread polls the processes it restarts
+QUICK_EXIT_S = 10.0  # a process that exits sooner than this after its start died "at once"
+BACKOFF_S = (0.5, 10.0)  # first and longest wait before restarting one that keeps dying at once
+
+
+def restart_delay(name: str, quick_exits: int, ttl_s: float) -> float:
+    """Seconds to wait before restarting process ``name`` after its ``quick_exits``-th exit in
+    a row that came soon after its start (0: it had been running a while).
+
+    A front-end is restarted at once (clients wait for it); one that keeps dying at once is
+    backed off, doubling, so a broken configuration is not a hot loop. A coordinator waits one
+    TTL more: by then the dead one's election key has expired and a live standby, already
+    campaigning, leads, so the restarted one rejoins as a standby and leadership does not
+    bounce back to it."""
+    first, longest = BACKOFF_S
+    backoff = 0.0 if quick_exits <= 1 else min(longest, first * 2 ** (quick_exits - 2))
+    if name.startswith("coordinator"):
+        return max(backoff, ttl_s + 1.0)
+    return backoff
 
 
 @dataclass
@@ -79,6 +106,10 @@ class Cluster:
     etcd_server: EtcdServer | None = None
     workdir: str = ""
     url: str = ""
+    restarts: dict[str, int] = field(default_factory=dict)  # name -> times restarted
+    _specs: dict[str, tuple] = field(default_factory=dict, repr=False)  # name -> _spawn args
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _watch: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def cfg(self) -> RuntimeConfig:
@@ -115,6 +146,9 @@ class Cluster:
                 "--identity",
                 f"coordinator{i}",
             )
+        # one port for every front-end of this cluster: a restarted one listens where its
+        # predecessor did, so clients retry the same URL
+        self.http_port = self.opts.http_port or free_port()
         self._spawn(
             "frontend",
             "eep.tools.cli",
@@ -122,7 +156,7 @@ class Cluster:
             "--host",
             self.opts.host,
             "--port",
-            str(self.opts.http_port),
+            str(self.http_port),
         )
         if self.opts.baseline:
             self.start_baseline()
@@ -130,6 +164,8 @@ class Cluster:
             for slot in range(self.cfg.num_slots):
                 self.start_slot(slot)
         self.wait_ready(timeout_s)
+        self._watch = threading.Thread(target=self._supervise, name="cluster-watch", daemon=True)
+        self._watch.start()
         return self
 
     def _make_secret(self) -> None:
@@ -148,7 +184,7 @@ class Cluster:
         self.opts.runtime = dataclasses.replace(self.cfg, secret_file=path)
 
     def _spawn(self, name: str, module: str, *args: str, prefix: list[str] | None = None):
-        out = open(os.path.join(self.workdir, f"{name}.log"), "ab")  # noqa: SIM115
+        self._specs[name] = (module, args, prefix)
         cmd = [
             *(prefix or [sys.executable, "-m"]),
             module,
@@ -161,10 +197,56 @@ class Cluster:
         # NCCL's and gloo's bootstrap and data sockets: the loopback interface, as everything
         # of this one-host cluster, unless the environment names another
         env = {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", **os.environ}
-        self.procs[name] = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
+        # appended to: a restarted process writes on after its predecessor's last words
+        with open(os.path.join(self.workdir, f"{name}.log"), "ab") as out:
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
         return self.procs[name]
+
+    def _supervise(self) -> None:
+        """Restart the front-end and the coordinators whenever one exits, until :meth:`stop`
+        (see :func:`restart_delay` for when)."""
+        names = [n for n in self.procs if n == "frontend" or n.startswith("coordinator")]
+        started = dict.fromkeys(names, time.monotonic())
+        quick = dict.fromkeys(names, 0)  # exits in a row soon after a start
+        due: dict[str, float] = {}  # name -> when to restart it
+        while not self._stopping.wait(WATCH_EVERY_S):
+            now = time.monotonic()
+            for name in names:
+                proc = self.procs[name]
+                if name not in due:
+                    if proc.poll() is None:
+                        continue
+                    quick[name] = quick[name] + 1 if now - started[name] < QUICK_EXIT_S else 0
+                    delay = restart_delay(name, quick[name], self.cfg.ttl_s)
+                    log.warning(
+                        "cluster %s: %s (pid %d) exited with %s after %.1f s; restarting it "
+                        "in %.1f s",
+                        self.cfg.cluster,
+                        name,
+                        proc.pid,
+                        proc.returncode,
+                        now - started[name],
+                        delay,
+                    )
+                    due[name] = now + delay
+                if now >= due[name] and not self._stopping.is_set():
+                    del due[name]
+                    self._restart(name)
+                    started[name] = time.monotonic()
+
+    def _restart(self, name: str) -> None:
+        module, args, prefix = self._specs[name]
+        proc = self._spawn(name, module, *args, prefix=prefix)
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        log.warning(
+            "cluster %s: restarted %s as pid %d (restart %d)",
+            self.cfg.cluster,
+            name,
+            proc.pid,
+            self.restarts[name],
+        )
 
     def _torchrun(self, nproc: int) -> list[str]:
         return [
@@ -237,6 +319,9 @@ class Cluster:
         return json.loads(kv.value)["endpoints"].get("pid") if kv else None
 
     def stop(self) -> None:
+        self._stopping.set()  # first: nothing may restart what is being stopped
+        if self._watch is not None:
+            self._watch.join(timeout=30)
         if hasattr(self, "watcher"):
             self.watcher.stop()
         for proc in self.procs.values():

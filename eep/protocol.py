@@ -8,14 +8,18 @@ against the message's dataclass, so a malformed or unknown frame raises :class:`
 
 The front-end opens each link with :class:`Challenge`; the rank answers with :class:`Hello`,
 which carries :data:`PROTOCOL_VERSION` and ``eep.auth.proof`` of the nonce under the cluster's
-secret. The front-end drops a link of another version or with a wrong proof.
+secret. The front-end drops a link of another version or with a wrong proof. The challenge also
+names the front-end's ``instance`` (random per process): a rank whose link comes back to
+another instance drops every request the previous one gave it, since no one is left to read
+their tokens.
 
 The messages, by direction:
 
 =================  ==========================  ============================================
 message            direction                   meaning
 =================  ==========================  ============================================
-``Challenge``      front-end -> rank, first    a fresh nonce the hello must answer
+``Challenge``      front-end -> rank, first    a fresh nonce the hello must answer, and
+                                               which front-end process this is
 ``Hello``          rank -> front-end           this link is ``(slot, incarnation)``, with
                                                the proof that the rank knows the secret
 ``Tokens``         rank -> front-end           tokens emitted in one step
@@ -42,7 +46,7 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
 
@@ -135,8 +139,12 @@ class Migrated:
 
 @dataclass(frozen=True, slots=True)
 class Challenge:
+    """A fresh ``nonce`` for the rank's proof, and the front-end process's ``instance``: an id
+    drawn when it starts, the same on each of its links (a restarted front-end has another)."""
+
     TYPE: ClassVar[str] = "challenge"
     nonce: str
+    instance: str
 
 
 @dataclass(frozen=True, slots=True)

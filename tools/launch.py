@@ -1,7 +1,9 @@
 """``eep launch``: a whole cluster on this host, until Ctrl-C.
 
 With ``--tiny`` a tiny random-weight Qwen3-MoE is generated (once, under .eep/models/tiny)
-so that nothing has to be downloaded.
+so that nothing has to be downloaded. While it waits for Ctrl-C, the cluster's own supervision
+thread (``eep.launcher.Cluster``) restarts the front-end, on the same port, and the
+coordinators whenever one exits.
 """
 
 from __future__ import annotations
@@ -114,4 +116,6 @@ def run(args: argparse.Namespace) -> int:
     )
     stop.wait()
     cluster.stop()
+    if cluster.restarts:
+        print(f"restarted while serving: {cluster.restarts}", flush=True)
     return 0

@@ -1,12 +1,13 @@
 """The front-end's links to ranks: one TCP connection per slot, typed messages both ways.
 
-Each accepted connection is challenged first: the front-end sends a fresh nonce
-(:class:`~eep.protocol.Challenge`) and the peer must answer within :data:`HELLO_TIMEOUT_S`
-with a :class:`~eep.protocol.Hello` of this protocol version whose proof
-(:func:`eep.auth.proof` of the nonce, slot and incarnation under the cluster's secret) checks
-out. Anything else (a wrong or missing proof, another version, silence, a first frame that is
-not a hello) closes that connection without a word and is logged; the peer is never
-registered, so it is sent nothing.
+Each accepted connection is challenged first: the front-end sends a fresh nonce and its
+``instance`` (:class:`~eep.protocol.Challenge`; one random id per front-end process, by which a
+rank tells a restarted front-end from a reconnect to the same one), and the peer must answer
+within :data:`HELLO_TIMEOUT_S` with a :class:`~eep.protocol.Hello` of this protocol version
+whose proof (:func:`eep.auth.proof` of the nonce, slot and incarnation under the cluster's
+secret) checks out. Anything else (a wrong or missing proof, another version, silence, a first
+frame that is not a hello) closes that connection without a word and is logged; the peer is
+never registered, so it is sent nothing.
 
 A newer authenticated link of the same slot replaces the older one (a restarted worker). What
 arrives is handed to the front-end's handlers. A frame of the wrong shape or type, or any
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Protocol
 
 from eep.auth import load_secret, new_nonce, verify
@@ -54,7 +56,8 @@ class LinkHandler(Protocol):
 
 class RankLinks:
     """The rank links of one front-end. ``secret_file`` (or a later :meth:`load_secret`)
-    names the cluster's secret; without one every connection is refused."""
+    names the cluster's secret; without one every connection is refused. ``instance``
+    identifies this front-end process to the ranks (every challenge names it)."""
 
     def __init__(
         self,
@@ -66,6 +69,7 @@ class RankLinks:
         self.hello_timeout_s = hello_timeout_s
         self._secret: str | None = None
         self._links: dict[int, tuple[int, asyncio.StreamWriter]] = {}
+        self.instance = secrets.token_hex(8)
         if secret_file:
             self.load_secret(secret_file)
 
@@ -92,7 +96,7 @@ class RankLinks:
         if self._secret is None:
             raise LinkRefused("this front-end has no cluster secret loaded")
         nonce = new_nonce()
-        writer.write(encode(Challenge(nonce)))
+        writer.write(encode(Challenge(nonce, self.instance)))
         await writer.drain()
         hello = await read_message(reader)
         if not isinstance(hello, Hello):

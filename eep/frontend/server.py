@@ -59,12 +59,19 @@ async def serve(
         "http": {"host": host, "port": http_port},
         "ranks": {"host": host, "port": rank_port},
         "pid": os.getpid(),
+        "instance": front.links.instance,  # what ranks compare to tell a restart (eep.rank.link)
         "since": time.time(),
     }
     watcher = ViewWatcher(
         client, keys, on_view=lambda v: loop.call_soon_threadsafe(front.on_view, v)
     ).start()
-    log.info("front-end: http://%s:%d (ranks on %d)", host, http_port, rank_port)
+    log.info(
+        "front-end %s: http://%s:%d (ranks on %d)",
+        front.links.instance,
+        host,
+        http_port,
+        rank_port,
+    )
     session, stop = None, threading.Event()
     try:
         while True:

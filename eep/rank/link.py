@@ -6,6 +6,18 @@ The link finds the front-end's rank port in etcd, waits for the front-end's
 (the file ``RuntimeConfig.secret_file`` names). It reconnects whenever the connection, the
 handshake or etcd fails, and keeps retrying while the secret cannot be read; a worker never
 dies of its link.
+
+A front-end keeps its request log in memory, so one that restarted knows nothing of what its
+predecessor sent here. Every challenge names the front-end's ``instance``; when the link comes
+back to another instance than before, :class:`FrontendChanged` goes into the inbox ahead of
+anything the new one sends, and the worker drops every request it holds (their tokens would
+have no reader, and their KV would never be freed). A reconnect to the same instance drops
+nothing: its requests are still wanted.
+
+A dead front-end's key outlives it by up to one TTL (it is bound to its session's lease), so
+ranks may read the dead address: the connection is refused and retried every
+:data:`RETRY_S`, with the key read afresh each time, until the restarted front-end overwrites
+it.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import queue
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from eep.auth import SecretError, load_secret, proof
 from eep.engine.engine import TokenEvent
@@ -40,13 +53,24 @@ HANDSHAKE_TIMEOUT_S = 10.0  # for the challenge to arrive
 REFUSED_WITHIN_S = 2.0  # a link closed this soon after its hello, unused, was likely refused
 
 
+@dataclass(frozen=True, slots=True)
+class FrontendChanged:
+    """Not a wire message: the link came back to front-end ``instance``, another process than
+    ``previous``, which sent the requests this rank holds. Put in the inbox before anything
+    the new front-end sends."""
+
+    previous: str
+    instance: str
+
+
 class FrontendLink:
     def __init__(
         self, client: EtcdClient, keys: Keys, slot: int, incarnation: int, secret_file: str = ""
     ):
         self.client, self.keys, self.slot, self.incarnation = client, keys, slot, incarnation
         self.secret_file = secret_file
-        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.inbox: queue.Queue[Message | FrontendChanged] = queue.Queue()
+        self.instance = ""  # the front-end instance of the last handshake
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._last_problem = ""
@@ -74,8 +98,9 @@ class FrontendLink:
             self._problem(logging.ERROR, f"{exc}; cannot prove this rank to the front-end")
             return None
 
-    def _handshake(self, sock: socket.socket, secret: str) -> None:
-        """Answer the front-end's challenge with this rank's hello."""
+    def _handshake(self, sock: socket.socket, secret: str) -> str:
+        """Answer the front-end's challenge with this rank's hello; returns the front-end's
+        instance."""
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
         challenge = recv_message(sock)
         if challenge is None:
@@ -85,6 +110,21 @@ class FrontendLink:
         answer = proof(secret, challenge.nonce, self.slot, self.incarnation)
         sock.sendall(encode(Hello(self.slot, self.incarnation, answer)))
         sock.settimeout(None)
+        return challenge.instance
+
+    def _attached(self, instance: str) -> None:
+        """The link is up to front-end ``instance``: if another one sent what this rank holds,
+        say so in the inbox (before the new front-end's first message can get there)."""
+        if self.instance and instance != self.instance:
+            log.warning(
+                "slot %d: front-end link: a new front-end (instance %s, was %s); dropping the "
+                "requests of the old one",
+                self.slot,
+                instance,
+                self.instance,
+            )
+            self.inbox.put(FrontendChanged(self.instance, instance))
+        self.instance = instance
 
     def _run(self) -> None:
         secret = None
@@ -100,7 +140,7 @@ class FrontendLink:
                     continue
                 sock = socket.create_connection(addr, timeout=5)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._handshake(sock, secret)
+                self._attached(self._handshake(sock, secret))
                 with self._lock:
                     self._sock = sock
                 self.connected.set()

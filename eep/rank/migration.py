@@ -67,6 +67,14 @@ class KvMigration:
         if table is not None:
             self.engine.kv.release(table)
 
+    def release_all(self) -> int:
+        """Free every lent block (the front-end that would have said ``Release`` is gone);
+        returns how many requests' blocks were lent."""
+        lent = list(self.lent)
+        for request_id in lent:
+            self.release(request_id)
+        return len(lent)
+
     def take_over(self, seq: Sequence, kv: KvHandoff) -> None:
         """Take over a request with its KV: reserve blocks, read the holder's blocks into
         them (verified); if that fails, recompute them (prefill) instead."""

@@ -6,8 +6,9 @@ incarnation); everything else comes from ``/eep/<cluster>/config``. The loop:
    deadline the supervisor publishes: past it, this process may already be excluded, so it
    exits without emitting anything more;
 2. at the step boundary, apply the newest committed view (fabric, view tensors);
-3. take new requests from the front-end and run one engine step (every live slot steps,
-   with zero tokens if idle, because every exchange needs every live slot);
+3. take new requests from the front-end (when the link came back to a restarted front-end,
+   first abort every request of the dead one) and run one engine step (every live slot
+   steps, with zero tokens if idle, because every exchange needs every live slot);
 4. a step whose exchange failed is discarded: wait for a newer view (a peer died: the
    supervisor's revoke or the lease expiry brings one), and if none comes within
    TTL + 1 s, ask for one (the peer was slow, not dead); then re-run.
@@ -38,7 +39,7 @@ from eep.membership.watcher import ViewWatcher
 from eep.protocol import Abort, MigrateOut, Refused, Release, Submit
 
 from .build import build_rank
-from .link import FrontendLink
+from .link import FrontendChanged, FrontendLink
 from .migration import KvMigration
 from .status import StatusBlock, WorkerState
 from .weights import materialised
@@ -93,7 +94,9 @@ class Worker:
             rank.kv_arena,
             rank.transport,
             rank.manifests,
-            self.link.send,
+            # a reply the link cannot carry (the front-end is gone) is logged, not raised: a
+            # worker must not die of its front-end
+            self._send,
             self.events,
         )
 
@@ -233,8 +236,36 @@ class Worker:
                     self.migration.migrate_out(msg.id, msg.to)
                 case Release():
                     self.migration.release(msg.id)
+                case FrontendChanged():
+                    self.drop_requests(msg)
                 case _:
                     log.warning("%s: ignoring %s from the front-end", self._ctx(), type(msg))
+
+    def drop_requests(self, change: FrontendChanged) -> None:
+        """The front-end restarted: abort every request the old one sent (running, waiting,
+        or stopped for a move with its KV lent), freeing their KV blocks. The new one knows
+        nothing of them, so their tokens would have no reader and their blocks no release."""
+        scheduler = self.engine.scheduler
+        held = [seq.request_id for seq in (*scheduler.running, *scheduler.waiting)]
+        for request_id in held:
+            scheduler.abort(request_id)
+        lent = self.migration.release_all()
+        log.warning(
+            "%s: front-end %s replaced %s; aborted its %d requests, released %d lent",
+            self._ctx(),
+            change.instance,
+            change.previous,
+            len(held),
+            lent,
+        )
+        self.events.emit(
+            "frontend_changed",
+            slot=self.slot,
+            instance=change.instance,
+            previous=change.previous,
+            aborted=len(held),
+            released=lent,
+        )
 
     def emit(self, events: list[TokenEvent]) -> None:
         try:

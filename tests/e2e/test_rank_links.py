@@ -46,7 +46,7 @@ from eep.protocol import (
     recv_message,
 )
 from eep.protocol import SamplingParams as WireParams
-from eep.rank.link import FrontendLink
+from eep.rank.link import FrontendChanged, FrontendLink
 from eep.tools import faults
 
 from .conftest import complete, prompts_for, start_cluster
@@ -477,5 +477,46 @@ def test_a_rank_with_another_secret_is_refused_and_says_what_that_means(
                 timeout_s=30,
             )
             assert links.incarnation(2) is None
+        finally:
+            link.close()
+
+
+def _drop_link(links: RankLinks, slot: int, loop) -> None:
+    """Close ``slot``'s connection from the front-end's side (the rank reconnects)."""
+    _, writer = links._links[slot]
+    loop.call_soon_threadsafe(writer.close)
+
+
+def test_a_rank_drops_its_requests_when_another_front_end_answers_but_not_on_a_reconnect(
+    tmp_path, etcd_keys
+):
+    client, keys = etcd_keys
+    path = str(tmp_path / "secret")
+    create_secret(path)
+    with _frontend_links(secret_file=path) as (first, address, loop):
+        _publish(client, keys, address)
+        link = FrontendLink(client, keys, 4, 2, path)
+        try:
+            _wait("the rank's link to be up", lambda: first.handler.up == [4], timeout_s=30)
+            assert link.instance == first.instance
+            # the same front-end again: a reconnect, whose requests are still wanted
+            _drop_link(first, 4, loop)
+            _wait("the link to come back", lambda: first.handler.up == [4, 4], timeout_s=30)
+            loop.call_soon_threadsafe(first.send, 4, Abort("r1"))
+            assert link.inbox.get(timeout=CLOSE_TIMEOUT_S) == Abort("r1")
+            # another front-end process (a restart) publishes itself: the rank is told to drop
+            # what the first one sent before anything of the new one reaches it
+            with _frontend_links(secret_file=path) as (second, address2, loop2):
+                assert second.instance != first.instance
+                _publish(client, keys, address2)
+                _drop_link(first, 4, loop)
+                _wait("the link to the new front-end", lambda: second.handler.up == [4])
+                loop2.call_soon_threadsafe(second.send, 4, Abort("r2"))
+                changed = FrontendChanged(previous=first.instance, instance=second.instance)
+                assert link.inbox.get(timeout=CLOSE_TIMEOUT_S) == changed
+                assert link.inbox.get(timeout=CLOSE_TIMEOUT_S) == Abort("r2")
+                assert link.inbox.empty()
+                link.close()  # and let the front-end see it go before its loop stops
+                _wait("the link to close", lambda: second.incarnation(4) is None, timeout_s=30)
         finally:
             link.close()

@@ -34,7 +34,7 @@ from eep.protocol import (
 
 KV = KvHandoff(holder="2", blocks=[4, 5], checksums=["w64-1a", "w64-2b"], num_computed=20)
 EXAMPLES = [
-    Challenge("00ff"),
+    Challenge("00ff", "1a2b3c4d5e6f7a8b"),
     Hello(1, 7, "ab12"),
     Refused("r1", "prompt too long"),
     Tokens(0, [("r1", 0, 42, None), ("r2", 3, 7, "length")]),
@@ -75,6 +75,11 @@ def test_hello_carries_the_protocol_version():
     }
 
 
+def test_a_challenge_names_the_front_end_instance():
+    raw = msgpack.unpackb(_body(encode(Challenge("00ff", "beef"))))
+    assert raw == {"type": "challenge", "nonce": "00ff", "instance": "beef"}
+
+
 def _frame(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -88,6 +93,9 @@ def _frame(obj) -> bytes:
         ({"type": "abort", "id": "r", "extra": 1}, "unknown fields ['extra']"),
         ({"type": "abort", "id": "r", b"raw": 1, "q": 2}, "unknown fields [\"b'raw'\", 'q']"),
         ({"type": "hello", "slot": "1", "incarnation": 2}, "hello.slot: expected int"),
+        # a challenge must name its front-end's instance (how a rank tells a restart)
+        ({"type": "challenge", "nonce": "00ff"}, "instance"),
+        ({"type": "challenge", "nonce": "00ff", "instance": 7}, "challenge.instance"),
         ({"type": "hello", "slot": True, "incarnation": 2}, "hello.slot: expected int"),
         ({"type": "migrated", "id": "r", "ok": 1}, "migrated.ok: expected bool"),
         ({"type": "tokens", "slot": 0, "events": [["r", 0, 1]]}, "expected 4 items"),
