@@ -88,6 +88,7 @@ class ClusterOptions:
     log_dir: str | None = None
     baseline: bool = False  # one torchrun over every slot: a failure restarts them all
     coordinators: int = 2  # a leader and standbys (elected through a lease-bound key)
+    standby: bool = True  # each slot keeps a warm standby worker (never in baseline mode)
 
     def __post_init__(self) -> None:
         if self.coordinators < 1:
@@ -268,6 +269,8 @@ class Cluster:
     def start_slot(self, slot: int) -> None:
         assert not self.opts.baseline, "baseline slots are started together by start_baseline"
         args = ["--slot", str(slot), "--ttl", str(self.cfg.ttl_s), "--log-dir", self.workdir]
+        if not self.opts.standby:
+            args.append("--no-standby")
         if self.opts.torchrun:
             self._spawn(f"slot{slot}", "eep.rank", *args, prefix=self._torchrun(1))
         else:

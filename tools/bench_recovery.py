@@ -1,7 +1,9 @@
 """``eep bench recovery``: a rank killed under load, measured against the cluster's capacity.
 
-Each run starts a cluster (``elastic``: one torchrun agent per slot; ``baseline``: one
-torchrun over every slot, so a failure restarts them all) and, in the default capacity mode,
+Each run starts a cluster (``elastic``: one torchrun agent per slot, each slot keeping a warm
+standby worker that is promoted when its worker dies; ``elastic-cold``: the same without
+standbys, a new worker process starts from nothing; ``baseline``: one torchrun over every
+slot, so a failure restarts them all) and, in the default capacity mode,
 measures what it serves saturated, then offers an open-loop load at ``--load-factor`` of that:
 above what the slots left after the fault can serve, so the dip while a slot is out and the
 return after its rejoin are real. The fault is injected into live load and proven to have
@@ -83,7 +85,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--bin", type=float, default=0.5, help="throughput bin, s; slots are polled per bin (0.5)")
     p("--window", type=float, default=3.0, help="sustained window for the 95%% time, s (3)")
     add_cluster_arguments(parser, "ttl", "exchange_timeout", "cuda_graphs")
-    p("--modes", default="elastic,baseline", help="runs, in order (elastic,baseline)")
+    p(
+        "--modes",
+        default="elastic,baseline",
+        help="runs, in order, among elastic (warm standbys), elastic-cold (none) and baseline "
+        "(default elastic,baseline)",
+    )
+    p(
+        "--standby",
+        default=None,
+        help="on, off or on,off: the elastic runs with warm standbys (on), without (off), or "
+        "both side by side; replaces the elastic modes of --modes",
+    )
     p("--repeat", type=int, default=1, help="runs per mode; the table gives median and max (1)")
     p("--log-dir", default=None, help="keep the clusters' logs here (<dir>/<mode>/run<i>)")
     p("--out", default="bench-recovery.json", help="JSON: every run, the summary, provenance")
@@ -133,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
 def _validated(args: argparse.Namespace) -> tuple[BenchSettings, list[str]]:
     """Every setting resolved and checked, or a message naming the bad option."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.standby is not None:
+        wanted = [w.strip() for w in args.standby.split(",") if w.strip()]
+        if not wanted or set(wanted) - {"on", "off"}:
+            raise SystemExit(f"eep bench recovery: --standby {args.standby!r}: on, off or on,off")
+        elastic = [{"on": "elastic", "off": "elastic-cold"}[w] for w in dict.fromkeys(wanted)]
+        modes = elastic + [m for m in modes if m == "baseline"]
     if not modes or set(modes) - set(MODES) or len(set(modes)) != len(modes):
         raise SystemExit(
             f"eep bench recovery: --modes {args.modes!r}: name each run once among "

@@ -131,6 +131,28 @@ def inject(
     )
 
 
+def wait_standbys(cluster, timeout_s: float = 180.0) -> None:
+    """Until every slot's newest standby (``worker<slot>.standby<k>.log``) waits to be promoted:
+    a kill before that would measure a standby still importing."""
+    deadline = time.monotonic() + timeout_s
+    for slot in range(cluster.cfg.num_slots):
+        while not standby_waiting(cluster.workdir, slot):
+            if time.monotonic() > deadline:
+                raise FaultMissed(f"slot {slot} has no warm standby after {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+
+def standby_waiting(workdir: str, slot: int) -> bool:
+    """Whether ``slot``'s newest standby says it waits to be promoted."""
+    prefix = f"worker{slot}.standby"
+    logs = [n for n in os.listdir(workdir) if n.startswith(prefix) and n.endswith(".log")]
+    if not logs:
+        return False
+    newest = max(logs, key=lambda n: int(n[len(prefix) : -4]))
+    with open(os.path.join(workdir, newest), errors="replace") as f:
+        return "waiting to be promoted" in f.read()
+
+
 def wait_excluded(cluster, fault: Fault, timeout_s: float = 120.0):
     """Until a view without ``fault.slot``'s old incarnation is committed; returns it."""
     view = cluster.watcher.wait_for(

@@ -51,6 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="membership coordinators: one leader and standbys that take over when it dies "
         "(default 2)",
     )
+    parser.add_argument(
+        "--standby",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep a warm standby worker per slot, promoted when the slot's worker dies: its "
+        "imports and device context are done, so the slot is back sooner (default on; it "
+        "costs each slot a second worker process's resident memory, and a CUDA context on a "
+        "GPU)",
+    )
     parser.add_argument("--log-dir", default=None, help="keep every process's log here")
 
 
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         baseline=args.baseline,
         coordinators=args.coordinators,
+        standby=args.standby,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

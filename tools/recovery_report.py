@@ -104,15 +104,17 @@ def summary(runs: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
     return out
 
 
-def ratios(summ: dict) -> dict[str, dict | None]:
-    if not all(summ.get(m) for m in ("elastic", "baseline")):
+def ratios(summ: dict, ours_mode: str = "elastic", base_mode: str = "baseline") -> dict:
+    """``ours_mode`` / ``base_mode`` per figure of :data:`RATIOS` (medians); ``{}`` unless
+    both modes ran."""
+    if not all(summ.get(m) for m in (ours_mode, base_mode)):
         return {}
     out = {}
     for name, key in RATIOS:
-        ours, base = summ["elastic"][key]["median"], summ["baseline"][key]["median"]
+        ours, base = summ[ours_mode][key]["median"], summ[base_mode][key]["median"]
         ok = ours is not None and base is not None and ours > 0 and base > 0
         out[name] = (
-            {"elastic": ours, "baseline": base, "ratio": round(ours / base, 4)} if ok else None
+            {ours_mode: ours, base_mode: base, "ratio": round(ours / base, 4)} if ok else None
         )
     return out
 
@@ -154,6 +156,7 @@ def report(prov: dict, args: dict, resolved: dict, runs: dict, failed: list) -> 
         "resolved": resolved,
         "summary": summ,
         "ratios": ratios(summ),
+        "ratios_warm_cold": ratios(summ, "elastic", "elastic-cold"),
         "runs": runs,
         "failed": failed,
     }
@@ -186,14 +189,16 @@ def table(rep: dict) -> str:
             vals = [r["invariants"].get(key) for r in runs[m]]
             cells.append(f"{'-' if None in vals else f'{sum(vals):g}':>18}")
         lines.append(f"  {key:<52}" + "".join(cells))
-    if rep["ratios"]:
-        lines.append("ratios, elastic / baseline (medians; same machine, runs interleaved)")
-        for name, r in rep["ratios"].items():
+    for key, base in (("ratios", "baseline"), ("ratios_warm_cold", "elastic-cold")):
+        if not rep.get(key):
+            continue
+        lines.append(f"ratios, elastic / {base} (medians; same machine, runs interleaved)")
+        for name, r in rep[key].items():
             text = (
                 "-"
                 if r is None
                 else (
-                    f"{r['elastic']:.3f} s vs {r['baseline']:.3f} s = {r['ratio']:.3f}x "
+                    f"{r['elastic']:.3f} s vs {r[base]:.3f} s = {r['ratio']:.3f}x "
                     f"({1 / r['ratio']:.1f}x shorter)"
                 )
             )

@@ -85,10 +85,18 @@ def run_once(s: BenchSettings, mode: str, log_dir: str, prompts, expected, say) 
     from eep.launcher import Cluster, ClusterOptions
 
     os.makedirs(log_dir, exist_ok=True)
-    opts = ClusterOptions(_runtime(s, mode), log_dir=log_dir, baseline=mode == "baseline")
+    opts = ClusterOptions(
+        _runtime(s, mode),
+        log_dir=log_dir,
+        baseline=mode == "baseline",
+        standby=mode == "elastic",
+    )
     started = time.monotonic()
     cluster = Cluster(opts).start(timeout_s=300)
     say(f"up in {time.monotonic() - started:.1f} s at {cluster.url}")
+    if mode == "elastic":
+        faults.wait_standbys(cluster)
+        say(f"standbys warm at {time.monotonic() - started:.1f} s")
     injected: list[faults.Fault] = []
     try:
         views: list[tuple[float, object]] = []
@@ -234,7 +242,7 @@ def _await_outage(s: BenchSettings, mode: str, cluster, load: Load, injected) ->
     for fault in injected:
         faults.wait_rejoined(cluster, fault, timeout_s=s.duration_s)
     for fault in injected:
-        faults.prove(fault, load if mode == "elastic" else None, cluster.url)
+        faults.prove(fault, load if mode != "baseline" else None, cluster.url)
         fault.tokens_during = load.tokens_between(fault.at, fault.rejoined_at)
 
 

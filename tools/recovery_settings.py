@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from eep.config import default_fabric
 
-MODES = ("elastic", "baseline")
+# elastic: a warm standby worker per slot is promoted when its worker dies; elastic-cold: the
+# same with standbys off (a new worker process starts from nothing); baseline: full restart
+MODES = ("elastic", "elastic-cold", "baseline")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the full-restart baseline: exit non-zero when the worker ends instead of "
         "restarting it, so a torchrun over every slot restarts them all",
     )
+    parser.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="start each worker cold instead of promoting a warm standby (a standby is a "
+        "worker process with its imports and device context done, idle until its slot's "
+        "worker dies; it costs its resident memory and, on a GPU, a CUDA context)",
+    )
     return parser
 
 
@@ -63,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             max_restarts=args.max_restarts,
             log_dir=args.log_dir,
             baseline=args.baseline,
+            standby=not args.no_standby,
             group_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if args.baseline else 0,
             group_round=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         ),

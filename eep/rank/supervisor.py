@@ -42,13 +42,14 @@ from eep.membership.errors import (
     LeaseExpiredInOutage,
     LeaseLost,
     MembershipError,
-    decode_object,
 )
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.registry import SlotRegistration, SlotState
 from eep.membership.session import Session, SessionConfig
 
+from .barrier import GroupBarrier, GroupNotUp
+from .standby import Standby
 from .status import StatusBlock, WorkerState
 
 log = logging.getLogger(__name__)
@@ -68,53 +69,10 @@ class SupervisorConfig:
     baseline: bool = False  # exit when the worker ends: torchrun restarts every local slot
     group_size: int = 0  # baseline: slots started together (torchrun's LOCAL_WORLD_SIZE)
     group_round: int = 0  # baseline: torchrun's TORCHELASTIC_RESTART_COUNT
+    standby: bool = True  # keep a warm standby worker to promote (never in baseline mode)
 
 
 EXIT_BASELINE_RESTART = 1  # non-zero: torchrun counts a failure and restarts the whole group
-
-
-class GroupNotUp(MembershipError):
-    """A baseline slot's torchrun group did not come up together in time."""
-
-
-class GroupBarrier:
-    """The baseline's start-up barrier: a slot turns ``ready`` only once every slot of its
-    torchrun group (same restart round) has a ready worker, as a fixed-membership job starts
-    serving only when all of its ranks are up. Without it the coordinator would admit the
-    first restarted slot alone, a view in which the other slots' experts have no replica.
-
-    Each slot puts ``baseline/<slot>`` (bound to its lease, so a dead slot's entry goes with
-    it) and polls the prefix."""
-
-    POLL_S = 0.1
-
-    def __init__(self, client: EtcdClient, keys: Keys, cfg: SupervisorConfig):
-        self.client, self.cfg = client, cfg
-        self.prefix = f"{keys.prefix}baseline/"
-        self.joined_lease = 0
-        self.next_poll = 0.0
-
-    def passed(self, lease_id: int) -> bool:
-        if self.cfg.group_size <= 1:
-            return True
-        if self.joined_lease != lease_id:
-            value = json.dumps({"slot": self.cfg.slot, "round": self.cfg.group_round})
-            self.client.put(f"{self.prefix}{self.cfg.slot}", value, lease=lease_id)
-            self.joined_lease = lease_id
-        if time.monotonic() < self.next_poll:
-            return False
-        self.next_poll = time.monotonic() + self.POLL_S
-        kvs, _ = self.client.get_prefix(self.prefix)
-        rounds = [_round(kv.value) for kv in kvs]
-        return rounds.count(self.cfg.group_round) >= self.cfg.group_size
-
-
-def _round(raw: bytes) -> int | None:
-    """The restart round in a ``baseline/<slot>`` entry; None for anything malformed."""
-    try:
-        return decode_object(raw, "baseline entry", MembershipError).get("round")
-    except MembershipError:
-        return None
 
 
 class Supervisor:
@@ -126,8 +84,14 @@ class Supervisor:
         self.stop = threading.Event()
         self.worker: subprocess.Popen | None = None
         self.events = EventLog.in_dir(cfg.log_dir, f"supervisor{cfg.slot}")
-        self.barrier = GroupBarrier(self.client, self.keys, cfg) if cfg.baseline else None
+        self.barrier = (
+            GroupBarrier(self.client, self.keys, cfg.slot, cfg.group_size, cfg.group_round)
+            if cfg.baseline
+            else None
+        )
         self.backoff = Backoff(log, f"slot {cfg.slot}")  # between tries at etcd
+        use_standby = cfg.standby and not cfg.baseline
+        self.standby = Standby(cfg.slot, cfg.log_dir) if use_standby else None
 
     def run(self) -> int:
         restarts = 0
@@ -218,20 +182,32 @@ class Supervisor:
 
         return probe
 
-    def _spawn(self, incarnation: int) -> subprocess.Popen:
-        out = None
-        if self.cfg.log_dir:
-            path = os.path.join(self.cfg.log_dir, f"worker{self.cfg.slot}.{incarnation}.log")
-            out = open(path, "ab")  # noqa: SIM115 (the child owns it)
-        args = {
+    def _worker_args(self) -> dict:
+        return {
             "etcd": self.cfg.etcd,
             "cluster": self.cfg.cluster,
             "slot": self.cfg.slot,
-            "incarnation": incarnation,
             "log_dir": self.cfg.log_dir,
             # the full-restart baseline reloads every worker's weights from disk
             "baseline": self.cfg.baseline,
         }
+
+    def _spawn(self, incarnation: int) -> subprocess.Popen:
+        """The incarnation's worker: the warm standby promoted, or else a cold process."""
+        if self.standby is not None and (proc := self.standby.promote(incarnation)):
+            log.info(
+                "slot %d: standby (pid %d) promoted to incarnation %d",
+                self.cfg.slot,
+                proc.pid,
+                incarnation,
+            )
+            self.events.emit("standby_promoted", slot=self.cfg.slot, incarnation=incarnation)
+            return proc
+        out = None
+        if self.cfg.log_dir:
+            path = os.path.join(self.cfg.log_dir, f"worker{self.cfg.slot}.{incarnation}.log")
+            out = open(path, "ab")  # noqa: SIM115 (the child owns it)
+        args = {**self._worker_args(), "incarnation": incarnation}
         return subprocess.Popen(
             [sys.executable, "-m", "eep.rank.worker", json.dumps(args)],
             stdout=out,
@@ -262,6 +238,9 @@ class Supervisor:
                 self.events.emit("ready", slot=self.cfg.slot, incarnation=reg.record.incarnation)
                 ready = True
                 log.info("slot %d: incarnation %d ready", self.cfg.slot, reg.record.incarnation)
+            if ready and self.standby is not None:
+                # behind a ready worker only: a standby's start never competes with a recovery
+                self.standby.ensure(self._worker_args())
             resync = self.status.get("resync_epoch")
             if resync > resync_sent and self._try(reg.update, resync_epoch=resync):
                 resync_sent = resync
@@ -380,4 +359,6 @@ def main(cfg: SupervisorConfig, stop_with_parent: int = 0) -> int:
     try:
         return sup.run()
     finally:
+        if sup.standby is not None:
+            sup.standby.close()
         sup.status.close(unlink=True)

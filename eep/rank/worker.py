@@ -32,6 +32,7 @@ from eep.engine.engine import TokenEvent
 from eep.engine.sequence import Sequence
 from eep.events import EventLog
 from eep.fabrics.base import ExchangeFailed
+from eep.membership.errors import MembershipError
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.view import View
@@ -288,6 +289,45 @@ def _die_with_parent() -> None:
         pass
 
 
+def _await_promotion(args: dict) -> bool:
+    """A standby (``eep.rank.standby``): warm what needs no slot, then wait on stdin for the
+    incarnation to serve as. False when the supervisor closed the pipe without one."""
+    started = time.monotonic()
+    warm_up(args)
+    log.info("standby: warm in %.2f s; waiting to be promoted", time.monotonic() - started)
+    line = sys.stdin.readline()
+    if not line.strip():
+        log.info("standby: released without a promotion")
+        return False
+    args["incarnation"] = int(json.loads(line)["incarnation"])
+    log.info("standby: promoted to incarnation %d", args["incarnation"])
+    return True
+
+
+def warm_up(args: dict) -> None:
+    """What a worker does at start that needs no slot: the modules it would import lazily
+    (the cluster's fabric, the transfer engine) and the device's context."""
+    import importlib
+
+    from eep.transfer import engine  # noqa: F401
+
+    client = EtcdClient(args["etcd"])
+    try:
+        kv = client.get(Keys(args["cluster"]).config)
+        cfg = RuntimeConfig.from_json(kv.value) if kv is not None else None
+    except (ValueError, MembershipError) as exc:
+        log.warning("standby: could not read the runtime config (%s); warming nothing more", exc)
+        cfg = None
+    finally:
+        client.close()
+    if cfg is None:
+        return
+    importlib.import_module(f"eep.fabrics.{cfg.fabric}")
+    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+        torch.empty(1, device=cfg.device).add_(1)  # the CUDA context and the caching allocator
+        torch.cuda.synchronize()
+
+
 def main(raw: str) -> int:
     args = json.loads(raw)
     logging.basicConfig(
@@ -296,6 +336,8 @@ def main(raw: str) -> int:
     )
     _die_with_parent()
     torch.set_num_threads(1)
+    if args.pop("standby", False) and not _await_promotion(args):
+        return 0
     worker = Worker(
         args["etcd"],
         args["cluster"],
