@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
 
@@ -58,13 +58,17 @@ class FrameError(Exception):
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How a request's tokens are drawn (``eep.engine.sampling`` draws them): greedy when
-    ``temperature == 0``, else seeded by ``(seed, index)`` so a re-run draws the same tokens."""
+    ``temperature == 0``, else seeded by ``(seed, index)`` so a re-run draws the same tokens.
+    ``top_k`` 0 keeps every token. A token of ``stop_token_ids`` (the request's, and the
+    model's end-of-sequence ids) ends the request with ``stop``; stop strings are the
+    front-end's (they need the text)."""
 
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -73,6 +77,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}.")
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from eep.config import RuntimeConfig
     from eep.frontend.server import serve
+    from eep.frontend.tokenizer import TokenizerError, load_tokenizer
     from eep.membership.errors import MembershipError
     from eep.model.config import ModelConfig
 
@@ -34,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = RuntimeConfig.from_json(kv.value)
     model = ModelConfig.from_dir(cfg.model_path)
     try:
+        # the checkpoint's own tokenizer where it ships one, else byte-level
+        tokenizer = load_tokenizer(cfg.model_path, model.vocab_size)
+    except TokenizerError as exc:
+        print(f"eep frontend: {exc}")
+        return 2
+    try:
         asyncio.run(
             serve(
                 cfg,
@@ -42,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
                 args.port,
                 model.vocab_size,
                 max_positions=model.max_position_embeddings,
+                tokenizer=tokenizer,
             )
         )
     except KeyboardInterrupt:

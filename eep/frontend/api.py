@@ -1,13 +1,15 @@
-"""The OpenAI-compatible HTTP layer of the front-end: ``/v1/completions`` (streamed or not),
-``/v1/models``, ``/health``, ``/metrics`` and ``/debug/slots``.
+"""The OpenAI-compatible HTTP layer of the front-end: ``/v1/completions`` and
+``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/health``, ``/metrics`` and
+``/debug/slots``.
 
-It validates a request (:func:`parse_request`), admits it into the front-end's log, and
-answers from the log's token stream. Every error is a JSON body
-``{"error": {"message", "type", "param", "code"}}`` that names the problem: 400 for a body
-that is not valid (or asks for more context than the model has), 404 for another model or
-route, 413 for a body over 16 MiB, 429 with ``Retry-After`` when the queue is full. A client
-that goes away aborts its request (the app runs with ``handler_cancellation``), and a
-request's record is dropped once its response is done.
+It validates a request (:mod:`.validate`), admits it into the front-end's log, and answers
+from the log's stream of tokens and released text (:mod:`.responses` shapes the bodies). Every
+error is a JSON body ``{"error": {"message", "type", "param", "code"}}`` that names the
+problem: 400 for a body that is not valid (or asks for more context than the model has, or a
+chat of a model without a chat template), 404 for another model or route, 413 for a body over
+16 MiB, 429 with ``Retry-After`` when the queue is full. A client that goes away aborts its
+request (the app runs with ``handler_cancellation``), and a request's record is dropped once
+its response is done.
 """
 
 from __future__ import annotations
@@ -15,222 +17,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from eep.membership.errors import strict_json
-from eep.protocol import SamplingParams
-
+from .detokenize import TextStream
 from .metrics import FrontendCollector
-from .request_log import Record, RequestState
+from .request_log import Record, RequestState, Update
+from .responses import ChatBodies, CompletionBodies
+from .validate import (
+    INVALID,
+    ApiError,
+    Parsed,
+    decode_body,
+    error_body,
+    parse_chat,
+    parse_completion,
+)
 
 if TYPE_CHECKING:
     from .core import Frontend
 
 log = logging.getLogger("eep.frontend.api")
 MAX_BODY = 16 << 20
-MAX_SEED = 2**62
-# a temperature below this is greedy (0), as vLLM takes it: the draw is greedy anyway, and
-# logits divided by a denormal temperature overflow into a distribution that kills the rank
-MIN_TEMPERATURE = 1e-5
-INVALID = "invalid_request_error"
-
-
-class ApiError(Exception):
-    """An answer other than 200, with an OpenAI-style body. ``reason`` labels
-    ``eep_rejected_total`` (None: not a rejection at the door, e.g. a request that failed)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        kind: str = INVALID,
-        param: str | None = None,
-        code: str | None = None,
-        reason: str | None = "invalid",
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-        self.param, self.code, self.reason, self.headers = param, code, reason, headers
-
-    def body(self) -> dict:
-        return error_body(self.message, self.kind, self.param, self.code)
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
-
-
-def _unsupported(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param, code="unsupported", reason="unsupported")
-
-
-def _show(value: Any) -> str:
-    """``value`` as JSON (it came from JSON), cut to 60 characters."""
-    try:
-        text = json.dumps(value)
-    except RecursionError:  # nested about as deep as the decoder takes
-        text = f"a deeply nested {type(value).__name__}"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# --- parsing ------------------------------------------------------------------------------
-
-
-def decode_body(raw: bytes) -> Any:
-    """The JSON value of a request body; 400 unless it is strict JSON (no NaN, no Infinity, no
-    number that overflows a float)."""
-    try:
-        return strict_json(raw)
-    except RecursionError:
-        raise _invalid("the body is not JSON this server takes: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
-        why = "a number has too many digits" if "int" in str(exc) and "digits" in str(exc) else exc
-        raise _invalid(f"the body is not JSON: {why}") from None
-
-
-# OpenAI fields EEP does not honour: their default values pass, anything else is a 400
-_DEFAULTS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "only n=1 is supported"),
-    "best_of": ((1,), "only best_of=1 is supported"),
-    "echo": ((False,), "'echo' is not supported"),
-    "logprobs": ((), "'logprobs' is not supported"),
-    "stop": (("", []), "'stop' sequences are not supported"),
-    "suffix": (("",), "'suffix' is not supported"),
-    "presence_penalty": ((0,), "'presence_penalty' is not supported (only 0)"),
-    "frequency_penalty": ((0,), "'frequency_penalty' is not supported (only 0)"),
-    "logit_bias": (({},), "'logit_bias' is not supported"),
-    "stream_options": (({}, {"include_usage": False}), "'stream_options' are not supported"),
-}
-
-
-def parse_request(body: Any, front: Frontend) -> tuple[list[int], SamplingParams, bool]:
-    """``(prompt ids, sampling parameters, stream)`` of a completion request; :class:`ApiError`
-    names what is wrong. Unknown fields are ignored (clients send extras); OpenAI fields whose
-    non-default values EEP does not honour are refused."""
-    if not isinstance(body, dict):
-        raise _invalid(f"the request body must be a JSON object, not {type(body).__name__}")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid(f"'model' must be a string, got {_show(model)}", "model")
-    if model is not None and model != front.cfg.model_name:
-        raise ApiError(
-            404,
-            f"model {_show(model)} is not served here; this server has {front.cfg.model_name!r}",
-            param="model",
-            code="model_not_found",
-            reason="unknown_model",
-        )
-    ids = _prompt(body.get("prompt"), front)
-    for name, (allowed, message) in _DEFAULTS_ONLY.items():
-        value = body.get(name)
-        if value is not None and not any(_same(value, a) for a in allowed):
-            raise _unsupported(name, f"{message}; got {_show(value)}")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid(f"'stream' must be true or false, got {_show(stream)}", "stream")
-    max_tokens = _int(body, "max_tokens", 1, None)
-    max_tokens = _fit_context(len(ids), max_tokens, front.max_context)
-    seed = _int(body, "seed", 0, MAX_SEED)
-    temperature = _num(body, "temperature", 0.0, 0.0, 2.0, low_open=False)
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
-        top_p=_num(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        seed=secrets.randbits(31) if seed is None else seed,
-    )
-    return ids, params, bool(stream)
-
-
-def _same(value: Any, allowed: Any) -> bool:
-    """``value`` equals ``allowed`` with the same JSON type (``false`` is not ``0``)."""
-    if isinstance(allowed, bool) or isinstance(value, bool):
-        return type(value) is type(allowed) and value == allowed
-    if isinstance(allowed, int):
-        return type(value) in (int, float) and value == allowed
-    return type(value) is type(allowed) and value == allowed
-
-
-def _prompt(prompt: Any, front: Frontend) -> list[int]:
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) > 1:
-            raise _unsupported("prompt", "one prompt per request: send a batch as requests")
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        try:
-            ids = front.tokenizer.encode(prompt)
-        except ValueError as exc:
-            raise _invalid(f"'prompt' {exc}", "prompt") from None
-    elif isinstance(prompt, list) and all(type(t) is int for t in prompt):
-        ids = prompt
-    else:
-        raise _invalid(
-            f"'prompt' must be a string or a list of token ids (integers), got {_show(prompt)}",
-            "prompt",
-        )
-    if not ids:
-        raise _invalid("'prompt' must not be empty", "prompt")
-    for i, t in enumerate(ids):
-        if not 0 <= t < front.vocab_size:
-            raise _invalid(
-                f"token ids must be in [0, {front.vocab_size}); got {_show(t)} at position {i}",
-                "prompt",
-            )
-    return ids
-
-
-def _fit_context(prompt: int, max_tokens: int | None, limit: int) -> int:
-    """``max_tokens`` checked against the context limit; None: the rest of the context."""
-    if max_tokens is None and prompt < limit:
-        return limit - prompt
-    if max_tokens is not None and prompt + max_tokens <= limit:
-        return max_tokens
-    message = f"this model's maximum context length is {limit} tokens; "
-    if max_tokens is None:
-        message += f"the prompt alone has {prompt} tokens, which leaves none to generate"
-    else:
-        message += (
-            f"you asked for {prompt + max_tokens} tokens ({prompt} in the prompt, {max_tokens} "
-            "to generate)"
-        )
-    param = "prompt" if max_tokens is None else "max_tokens"
-    raise ApiError(
-        400, message, param=param, code="context_length_exceeded", reason="context_length"
-    )
-
-
-def _int(body: dict, name: str, lo: int, hi: int | None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if type(value) is not int or value < lo or (hi is not None and value > hi):
-        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise _invalid(f"'{name}' must be an integer {span}, got {_show(value)}", name)
-    return value
-
-
-def _num(body: dict, name: str, default: float, lo: float, hi: float, low_open: bool) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    low_ok = type(value) in (int, float) and (value > lo if low_open else value >= lo)
-    if not low_ok or not value <= hi:
-        span = f"({lo:g}, {hi:g}]" if low_open else f"[{lo:g}, {hi:g}]"
-        raise _invalid(f"'{name}' must be a number in {span}, got {_show(value)}", name)
-    return float(value)
 
 
 # --- the HTTP layer -----------------------------------------------------------------------
@@ -243,6 +55,20 @@ class OpenAIApi:
         self.registry.register(FrontendCollector(front))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        bodies = CompletionBodies(self.front.cfg.model_name)
+        return await self._serve(request, parse_completion, bodies, "cmpl")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        bodies = ChatBodies(self.front.cfg.model_name)
+        return await self._serve(request, parse_chat, bodies, "chatcmpl")
+
+    async def _serve(
+        self,
+        request: web.Request,
+        parse: Callable[[Any, Frontend], Parsed],
+        bodies: CompletionBodies | ChatBodies,
+        prefix: str,
+    ) -> web.StreamResponse:
         front = self.front
         try:
             raw = await request.read()
@@ -250,8 +76,9 @@ class OpenAIApi:
             raise ApiError(
                 413, f"the body is over {MAX_BODY} bytes", code="too_large", reason="too_large"
             ) from None
-        ids, params, stream = parse_request(decode_body(raw), front)
-        rec = Record(f"cmpl-{uuid.uuid4().hex[:24]}", ids, params)
+        req = parse(decode_body(raw), front)
+        text = TextStream(front.tokenizer, req.stop)
+        rec = Record(f"{prefix}-{uuid.uuid4().hex[:24]}", req.prompt, req.params, text=text)
         if not front.admit(rec):
             wait = front.retry_after()
             raise ApiError(
@@ -264,56 +91,45 @@ class OpenAIApi:
                 headers={"Retry-After": str(wait)},
             )
         try:
-            if stream:
-                return await self._stream(request, rec)
+            if req.stream:
+                return await self._stream(request, rec, bodies, req.include_usage)
             while rec.state is not RequestState.FINISHED:
                 await rec.updates.get()
             if rec.error is not None:
                 raise _failure(rec)
-            return web.json_response(self._completion(rec, rec.emitted, rec.finish_reason))
+            return web.json_response(bodies.whole(rec))
         finally:  # answered, failed, or the client went away (the handler is cancelled)
             front.finish_response(rec)
 
-    def _completion(self, rec: Record, tokens: list[int], finish: str | None) -> dict:
-        return {
-            "id": rec.request_id,
-            "object": "text_completion",
-            "created": int(rec.created),
-            "model": self.front.cfg.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": self.front.tokenizer.decode(tokens),
-                    "token_ids": tokens,
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": len(rec.prompt),
-                "completion_tokens": len(rec.emitted),
-                "total_tokens": len(rec.prompt) + len(rec.emitted),
-            },
-        }
-
-    async def _stream(self, request: web.Request, rec: Record) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        rec: Record,
+        bodies: CompletionBodies | ChatBodies,
+        include_usage: bool,
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         try:
             await resp.prepare(request)
+            if opening := bodies.opening(rec):  # chat: the assistant's role, at once
+                await resp.write(_events(opening))
             finish = None
             while finish is None:
-                events = [await rec.updates.get()]
+                updates: list[Update] = [await rec.updates.get()]
                 while not rec.updates.empty():  # what arrived meanwhile goes in one write
-                    events.append(rec.updates.get_nowait())
-                chunks = []
-                for token, finish in events:
-                    if token is None:  # failed: an error event, then the end of the stream
-                        chunks.append(json.dumps(_failure(rec).body()))
+                    updates.append(rec.updates.get_nowait())
+                out = []
+                for update in updates:
+                    finish = update.finish
+                    if update.token is None:  # failed: an error event, then the end
+                        out.append(_failure(rec).body())
                         break
-                    chunks.append(json.dumps(self._completion(rec, [token], finish)))
-                await resp.write("".join(f"data: {c}\n\n" for c in chunks).encode())
+                    out.append(bodies.chunk(rec, update))
+                if finish is not None and include_usage and rec.error is None:
+                    out.append(bodies.usage_chunk(rec))
+                await resp.write(_events(out))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionError:  # the client closed the stream: finish_response aborts it
@@ -352,7 +168,7 @@ class OpenAIApi:
         except ApiError as exc:
             if exc.reason is not None:
                 self.front.rejected[exc.reason] += 1
-            return exc.response()
+            return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, too large
             if exc.status < 400:
                 raise
@@ -371,11 +187,17 @@ class OpenAIApi:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self.errors])
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/debug/slots", self.debug_slots)
         return app
+
+
+def _events(bodies: list[dict]) -> bytes:
+    """Server-sent events, one per JSON body."""
+    return "".join(f"data: {json.dumps(b)}\n\n" for b in bodies).encode()
 
 
 def _failure(rec: Record) -> ApiError:

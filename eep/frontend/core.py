@@ -36,7 +36,7 @@ from eep.protocol import (
 from . import assign
 from .links import RankLinks
 from .request_log import Record, RequestLog, RequestState
-from .tokenizer import ByteTokenizer
+from .tokenizer import ByteTokenizer, Tokenizer
 
 log = logging.getLogger("eep.frontend")
 
@@ -65,10 +65,17 @@ def context_limit(cfg: RuntimeConfig, max_positions: int | None) -> int:
 
 
 class Frontend:
-    def __init__(self, cfg: RuntimeConfig, vocab_size: int, max_positions: int | None = None):
+    def __init__(
+        self,
+        cfg: RuntimeConfig,
+        vocab_size: int,
+        max_positions: int | None = None,
+        tokenizer: Tokenizer | None = None,
+    ):
+        """``tokenizer``: the model's (:func:`.tokenizer.load_tokenizer`); None: bytes."""
         self.cfg = cfg
         self.log = RequestLog()
-        self.tokenizer = ByteTokenizer(vocab_size)
+        self.tokenizer = tokenizer or ByteTokenizer(vocab_size)
         self.vocab_size = vocab_size
         self.max_context = context_limit(cfg, max_positions)
         self.slot_blocks = cfg.rank_kv_tokens // cfg.block_size  # KV blocks a rank lends
@@ -145,7 +152,13 @@ class Frontend:
             ok = self.log.accept(request_id, index, token, finish, (slot, incarnation))
             self.stale_accepted += ok and excluded
             self.tokens_from[slot] = self.tokens_from.get(slot, 0) + ok
-            ended += ok and finish is not None
+            if not ok:
+                continue
+            rec = self.log.records[request_id]
+            ended += rec.state is RequestState.FINISHED
+            if finish is None and rec.stopped_by_text:
+                # a stop string ended it here: the rank, which knows no text, drops it
+                self.links.send(slot, Abort(request_id))
         if ended:
             now = time.monotonic()
             self._completions.extend([now] * ended)

@@ -5,6 +5,11 @@ A token is accepted only at the next index of its request (``index == len(emitte
 token a dead rank sent twice, or a re-queued request's rank resending, is dropped and counted,
 so no stream ever repeats or skips a token.
 
+Each accepted token goes through the record's :class:`~.detokenize.TextStream`, and what it
+releases goes to the client with it (:class:`Update`): the streamed pieces and the whole
+answer are the same text. A token that completes a stop string finishes the request here, with
+``stop``; the caller tells the rank to drop it.
+
 A record lives here from its admission until its HTTP response is done (:meth:`drop`), so the
 log's memory is bounded by the requests being answered; the counters outlive the records. A
 token for a request no longer here (it finished, failed or was aborted, and its response was
@@ -17,14 +22,26 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from eep.protocol import SamplingParams
+
+from .detokenize import TextStream
 
 
 class RequestState(enum.Enum):
     QUEUED = "queued"  # admitted, waiting at the front-end for a slot with room
     RUNNING = "running"  # sent to a rank
     FINISHED = "finished"
+
+
+class Update(NamedTuple):
+    """What a record's client is sent next: an accepted ``token`` and the ``text`` it released
+    (token None: the request failed or was aborted), and the finish reason if it ended."""
+
+    token: int | None
+    text: str
+    finish: str | None
 
 
 @dataclass
@@ -46,7 +63,14 @@ class Record:
     refused_by: set[int] = field(default_factory=set)  # slots that refused to run it
     refusal: str | None = None  # the last refusal's reason, should every slot refuse
     created: float = field(default_factory=time.time)
-    updates: asyncio.Queue = field(default_factory=asyncio.Queue)
+    updates: asyncio.Queue = field(default_factory=asyncio.Queue)  # of Update
+    # its tokens as text, cut at a stop string (None: no text is made, e.g. in unit tests)
+    text: TextStream | None = None
+
+    @property
+    def stopped_by_text(self) -> bool:
+        """A stop string ended it at the front-end (the rank did not finish it)."""
+        return self.text is not None and self.text.stopped
 
     @property
     def context(self) -> int:
@@ -115,10 +139,14 @@ class RequestLog:
             return False
         rec.emitted.append(token)
         self.tokens += 1
+        text = ""
+        if rec.text is not None:
+            text, stopped = rec.text.push(token, finish)
+            finish = "stop" if stopped else finish
         if finish is not None:
             rec.state, rec.finish_reason = RequestState.FINISHED, finish
             self.completed += 1
-        rec.updates.put_nowait((token, finish))
+        rec.updates.put_nowait(Update(token, text, finish))
         return True
 
     def fail(self, rec: Record, reason: str, code: str | None = None) -> None:
@@ -128,7 +156,7 @@ class RequestLog:
         rec.state, rec.finish_reason = RequestState.FINISHED, "error"
         rec.error, rec.error_code = reason, code
         self.failed += 1
-        rec.updates.put_nowait((None, "error"))
+        rec.updates.put_nowait(Update(None, "", "error"))
 
     def abort(self, rec: Record) -> None:
         """End ``rec`` because its client went away (``finish_reason`` ``"abort"``)."""
@@ -136,4 +164,4 @@ class RequestLog:
             return
         rec.state, rec.finish_reason = RequestState.FINISHED, "abort"
         self.aborted += 1
-        rec.updates.put_nowait((None, "abort"))
+        rec.updates.put_nowait(Update(None, "", "abort"))

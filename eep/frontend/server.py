@@ -27,6 +27,7 @@ from eep.membership.watcher import ViewWatcher
 
 from .api import OpenAIApi
 from .core import Frontend
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,13 @@ async def serve(
     vocab_size: int,
     ready: asyncio.Event | None = None,
     max_positions: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> None:
     """Run the front-end until cancelled. ``max_positions``: the model's
-    ``max_position_embeddings``, which bounds the context a request may ask for."""
+    ``max_position_embeddings``, which bounds the context a request may ask for;
+    ``tokenizer``: the model's (:func:`.tokenizer.load_tokenizer`), None: byte-level."""
     client, keys = EtcdClient(etcd), Keys(cfg.cluster)
-    front = Frontend(cfg, vocab_size, max_positions)
+    front = Frontend(cfg, vocab_size, max_positions, tokenizer)
     front.links.load_secret(cfg.secret_file)  # ranks must prove they know it (eep.auth)
     loop = asyncio.get_running_loop()
     rank_server = await asyncio.start_server(front.links.handle, host, 0)

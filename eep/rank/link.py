@@ -51,6 +51,48 @@ RETRY_S = 0.2  # between connection attempts
 SECRET_RETRY_S = 1.0  # between attempts to read a secret file that failed
 HANDSHAKE_TIMEOUT_S = 10.0  # for the challenge to arrive
 REFUSED_WITHIN_S = 2.0  # a link closed this soon after its hello, unused, was likely refused
+UNSENT_LOG_S = 5.0  # tokens the link could not send: logged at most this often
+
+
+class UnsentLog:
+    """Tokens a down link could not send, logged on the first failure of a streak, then at
+    most every ``every_s`` with the count since the last line; a send that works ends the
+    streak (the next failure is logged at once)."""
+
+    def __init__(self, slot: int, every_s: float = UNSENT_LOG_S, clock=time.monotonic):
+        self.slot, self.every_s, self.clock = slot, every_s, clock
+        self.last_at: float | None = None  # when the streak was last logged
+        self.steps = self.tokens = 0  # failures since then
+
+    def failed(self, tokens: int, exc: OSError) -> bool:
+        """Count a failed send; True when this one was logged."""
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+        now = self.clock()
+        if self.last_at is not None and now - self.last_at < self.every_s:
+            return False
+        if self.last_at is None:
+            log.warning("slot %d: could not send %d tokens: %s", self.slot, tokens, exc)
+        else:
+            log.warning(
+                "slot %d: could not send %d tokens of %d steps in the last %.0f s: %s",
+                self.slot,
+                self.tokens,
+                self.steps,
+                now - self.last_at,
+                exc,
+            )
+        self.last_at, self.steps, self.tokens = now, 0, 0
+        return True
+
+    def sent(self) -> None:
+        if self.last_at is not None and self.steps:
+            log.warning(
+                "slot %d: could not send %d more tokens of %d steps before the link came back",
+                self.slot,
+                self.tokens,
+                self.steps,
+            )
+        self.last_at, self.steps, self.tokens = None, 0, 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +118,7 @@ class FrontendLink:
         self._last_problem = ""
         self.connected = threading.Event()
         self._stop = threading.Event()
+        self._unsent = UnsentLog(slot)
         threading.Thread(target=self._run, name="frontend-link", daemon=True).start()
 
     def _address(self) -> tuple[str, int] | None:
@@ -187,10 +230,21 @@ class FrontendLink:
                 raise ConnectionError("front-end not connected")
             self._sock.sendall(data)
 
-    def send_tokens(self, events: list[TokenEvent]) -> None:
-        if events:
-            rows = [
-                (e.request_id, e.index, e.token, e.finished.value if e.finished else None)
-                for e in events
-            ]
+    def send_tokens(self, events: list[TokenEvent]) -> bool:
+        """Send one step's tokens; False when the link is down. Those tokens are lost (the
+        front-end that wanted them is gone, or re-queues their requests), which the worker
+        meets every step while the link is down: it is logged once, then at most every
+        :data:`UNSENT_LOG_S` with a count, not ~50 lines a second."""
+        if not events:
+            return True
+        rows = [
+            (e.request_id, e.index, e.token, e.finished.value if e.finished else None)
+            for e in events
+        ]
+        try:
             self.send(Tokens(self.slot, rows))
+        except OSError as exc:
+            self._unsent.failed(len(rows), exc)
+            return False
+        self._unsent.sent()
+        return True

@@ -353,7 +353,14 @@ BAD = [
         "unsupported",
         "logprobs",
     ),
-    ("stop", J({"prompt": [1], "stop": ["\n"]}).encode(), 400, "'stop'", "unsupported", "stop"),
+    (
+        "stop not strings",
+        J({"prompt": [1], "stop": [1]}).encode(),
+        400,
+        "'stop' must be a string or a list of strings",
+        "invalid",
+        "stop",
+    ),
     (
         "suffix",
         J({"prompt": [1], "suffix": "x"}).encode(),
@@ -380,7 +387,7 @@ BAD = [
     ),
     (
         "stream_options",
-        J({"prompt": [1], "stream_options": {"include_usage": True}}).encode(),
+        J({"prompt": [1], "stream_options": {"continuous_usage_stats": True}}).encode(),
         400,
         "'stream_options'",
         "unsupported",

@@ -85,6 +85,14 @@ def test_a_malformed_request_gets_a_4xx_with_a_message(cluster, body, status, wo
     assert words in resp.json()["error"]["message"]
 
 
+def test_a_chat_with_a_model_that_has_no_chat_template_is_a_400_saying_so(cluster):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    resp = requests.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "no_chat_template" and "no chat template" in error["message"]
+
+
 def test_a_body_that_is_not_json_is_refused(cluster):
     resp = requests.post(f"{cluster.url}/v1/completions", data=b"{oops", timeout=30)
     assert resp.status_code == 400 and "not JSON" in resp.json()["error"]["message"]

@@ -111,7 +111,7 @@ def test_a_request_on_quarantine_after_failed_ranks_fails_instead_of_running_aga
         assert "failed on 2 ranks" in rec.error and "not retried" in rec.error
         assert "slot 0 incarnation 1, slot 1 incarnation 1" in rec.error
         assert front.aborted["quarantined"] == 1 and front.requeued == 1
-        assert rec.updates.get_nowait() == (None, "error")
+        assert rec.updates.get_nowait() == (None, "", "error")
         assert _sent(front, Submit) == [(0, "r0"), (1, "r0")]  # not sent a third time
 
     asyncio.run(main())

@@ -49,7 +49,8 @@ def test_a_dropped_record_leaves_its_counters_and_its_late_tokens_are_counted():
         assert log.accept("r1", 0, 7, None, (2, 5))
         log.abort(rec)
         assert rec.state is RequestState.FINISHED and rec.finish_reason == "abort"
-        assert rec.updates.get_nowait() == (7, None) and rec.updates.get_nowait() == (None, "abort")
+        assert rec.updates.get_nowait() == (7, "", None)
+        assert rec.updates.get_nowait() == (None, "", "abort")
         assert not log.accept("r1", 1, 8, None, (2, 5))  # the rank's step after the abort
         log.drop(rec)
         assert log.records == {} and log.in_flight() == []
@@ -71,7 +72,7 @@ def test_a_failed_request_tells_its_stream_why_once():
             "quarantined",
             "error",
         )
-        assert rec.updates.get_nowait() == (None, "error") and rec.updates.empty()
+        assert rec.updates.get_nowait() == (None, "", "error") and rec.updates.empty()
         assert (log.failed, log.aborted) == (1, 0)
 
     asyncio.run(main())
