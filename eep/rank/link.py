@@ -22,6 +22,7 @@ it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -50,6 +51,7 @@ log = logging.getLogger("eep.rank.link")
 RETRY_S = 0.2  # between connection attempts
 SECRET_RETRY_S = 1.0  # between attempts to read a secret file that failed
 HANDSHAKE_TIMEOUT_S = 10.0  # for the challenge to arrive
+OUTBOX_FRAMES = 100_000  # frames held for a front-end while the link is down (steps' tokens)
 REFUSED_WITHIN_S = 2.0  # a link closed this soon after its hello, unused, was likely refused
 UNSENT_LOG_S = 5.0  # tokens the link could not send: logged at most this often
 
@@ -71,10 +73,15 @@ class UnsentLog:
         if self.last_at is not None and now - self.last_at < self.every_s:
             return False
         if self.last_at is None:
-            log.warning("slot %d: could not send %d tokens: %s", self.slot, tokens, exc)
+            log.warning(
+                "slot %d: could not send %d tokens (queued for the front-end): %s",
+                self.slot,
+                tokens,
+                exc,
+            )
         else:
             log.warning(
-                "slot %d: could not send %d tokens of %d steps in the last %.0f s: %s",
+                "slot %d: %d tokens of %d steps queued in the last %.0f s: %s",
                 self.slot,
                 self.tokens,
                 self.steps,
@@ -87,7 +94,7 @@ class UnsentLog:
     def sent(self) -> None:
         if self.last_at is not None and self.steps:
             log.warning(
-                "slot %d: could not send %d more tokens of %d steps before the link came back",
+                "slot %d: %d more tokens of %d steps were queued before the link came back",
                 self.slot,
                 self.tokens,
                 self.steps,
@@ -115,6 +122,10 @@ class FrontendLink:
         self.instance = ""  # the front-end instance of the last handshake
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        # frames not yet sent to this front-end instance, oldest first: a link that drops and
+        # comes back to the same front-end sends them before anything newer (that front-end
+        # still waits for them, in order); a new instance gets none of them
+        self._outbox: collections.deque[bytes] = collections.deque()
         self._last_problem = ""
         self.connected = threading.Event()
         self._stop = threading.Event()
@@ -167,6 +178,8 @@ class FrontendLink:
                 self.instance,
             )
             self.inbox.put(FrontendChanged(self.instance, instance))
+            with self._lock:
+                self._outbox.clear()
         self.instance = instance
 
     def _run(self) -> None:
@@ -186,6 +199,7 @@ class FrontendLink:
                 self._attached(self._handshake(sock, secret))
                 with self._lock:
                     self._sock = sock
+                    self._flush()  # what the last connection could not carry, in order
                 self.connected.set()
                 up_at = time.monotonic()
                 while (msg := recv_message(sock)) is not None:
@@ -224,17 +238,35 @@ class FrontendLink:
                     self._sock.shutdown(socket.SHUT_RDWR)
 
     def send(self, msg: ToFrontend) -> None:
+        """Send ``msg`` after whatever is still queued for this front-end. While the link is
+        down it stays queued (and this raises): it goes out, in order, when the link comes
+        back to the same front-end, or is dropped if another one answers."""
         data = encode(msg)
         with self._lock:
+            if len(self._outbox) >= OUTBOX_FRAMES:
+                self._outbox.popleft()
+                log.error(
+                    "slot %d: more than %d frames queued for the front-end; the oldest is dropped",
+                    self.slot,
+                    OUTBOX_FRAMES,
+                )
+            self._outbox.append(data)
             if self._sock is None:
                 raise ConnectionError("front-end not connected")
-            self._sock.sendall(data)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the queued frames in order (the lock held); a frame leaves the queue only
+        once it is sent whole."""
+        while self._outbox and self._sock is not None:
+            self._sock.sendall(self._outbox[0])
+            self._outbox.popleft()
 
     def send_tokens(self, events: list[TokenEvent]) -> bool:
-        """Send one step's tokens; False when the link is down. Those tokens are lost (the
-        front-end that wanted them is gone, or re-queues their requests), which the worker
-        meets every step while the link is down: it is logged once, then at most every
-        :data:`UNSENT_LOG_S` with a count, not ~50 lines a second."""
+        """Send one step's tokens; False when the link is down. They stay queued for the same
+        front-end (see :meth:`send`). The worker meets this every step while the link is
+        down: it is logged once, then at most every :data:`UNSENT_LOG_S` with a count, not ~50
+        lines a second."""
         if not events:
             return True
         rows = [

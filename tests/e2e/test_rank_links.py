@@ -31,6 +31,7 @@ import pytest
 import requests
 
 from eep.auth import create_secret, load_secret, new_nonce, proof
+from eep.engine.engine import TokenEvent
 from eep.frontend.links import RankLinks
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
@@ -358,11 +359,14 @@ def test_every_listener_of_the_cluster_is_on_the_loopback_interface(cluster):
 class _Recorder:
     def __init__(self):
         self.up: list[int] = []
+        self.tokens: list[tuple] = []  # every token row received, in order
 
     def on_link_up(self, slot):
         self.up.append(slot)
 
-    def on_tokens(self, slot, incarnation, msg): ...
+    def on_tokens(self, slot, incarnation, msg):
+        self.tokens.extend(tuple(row) for row in msg.events)
+
     def on_migrate_ready(self, slot, msg): ...
     def on_migrated(self, msg): ...
     def on_refused(self, slot, msg): ...
@@ -518,5 +522,47 @@ def test_a_rank_drops_its_requests_when_another_front_end_answers_but_not_on_a_r
                 assert link.inbox.empty()
                 link.close()  # and let the front-end see it go before its loop stops
                 _wait("the link to close", lambda: second.incarnation(4) is None, timeout_s=30)
+        finally:
+            link.close()
+
+
+def test_tokens_sent_while_the_link_is_down_reach_the_same_front_end_in_order(tmp_path, etcd_keys):
+    """A link that drops and comes back to the same front-end loses nothing: that front-end
+    still waits for those tokens, in order (a gap would stall the request for good). A new
+    front-end instance gets none of them: its predecessor's requests are dropped."""
+    client, keys = etcd_keys
+    path = str(tmp_path / "secret")
+    create_secret(path)
+    rows = [TokenEvent("r1", i, 100 + i, None) for i in range(6)]
+    with _frontend_links(secret_file=path) as (first, address, loop):
+        _publish(client, keys, address)
+        link = FrontendLink(client, keys, 6, 1, path)
+        try:
+            _wait("the rank's link to be up", lambda: first.handler.up == [6], timeout_s=30)
+            assert link.send_tokens(rows[:2])
+            _wait("the first tokens", lambda: len(first.handler.tokens) == 2)
+            _publish(client, keys, ("127.0.0.1", 1))  # the link cannot come back yet
+            _drop_link(first, 6, loop)
+            _wait("the link to be down", lambda: not link.connected.is_set(), timeout_s=30)
+            assert not link.send_tokens(rows[2:4])  # queued, not lost
+            assert not link.send_tokens(rows[4:5])
+            _publish(client, keys, address)
+            _wait("the link to come back", lambda: first.handler.up == [6, 6], timeout_s=30)
+            assert link.send_tokens(rows[5:])
+            _wait("every token", lambda: len(first.handler.tokens) == 6)
+            assert [r[1] for r in first.handler.tokens] == list(range(6)), "out of order"
+            # down again with tokens queued, and another front-end answers: it gets none
+            _publish(client, keys, ("127.0.0.1", 1))
+            _drop_link(first, 6, loop)
+            _wait("the link to be down", lambda: not link.connected.is_set(), timeout_s=30)
+            assert not link.send_tokens([TokenEvent("r1", 6, 106, None)])
+            with _frontend_links(secret_file=path) as (second, address2, _):
+                _publish(client, keys, address2)
+                _wait("the link to the new front-end", lambda: second.handler.up == [6])
+                assert link.send_tokens([TokenEvent("r9", 0, 7, None)])
+                _wait("the new front-end's token", lambda: second.handler.tokens)
+                assert [r[0] for r in second.handler.tokens] == ["r9"]
+                link.close()
+                _wait("the link to close", lambda: second.incarnation(6) is None, timeout_s=30)
         finally:
             link.close()

@@ -34,8 +34,8 @@ def test_tokens_a_down_link_cannot_send_are_logged_once_then_every_5_s_with_a_co
     assert logged[0] and not any(logged[1:-2]) and logged[-2] and not logged[-1]
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "slot 3: could not send 2 tokens: front-end not connected",
-        "slot 3: could not send 500 tokens of 250 steps in the last 5 s: front-end not connected",
-        "slot 3: could not send 3 more tokens of 1 steps before the link came back",
-        "slot 3: could not send 1 tokens: front-end not connected",
+        "slot 3: could not send 2 tokens (queued for the front-end): front-end not connected",
+        "slot 3: 500 tokens of 250 steps queued in the last 5 s: front-end not connected",
+        "slot 3: 3 more tokens of 1 steps were queued before the link came back",
+        "slot 3: could not send 1 tokens (queued for the front-end): front-end not connected",
     ]
