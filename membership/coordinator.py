@@ -136,6 +136,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._last_failure = 0.0  # monotonic time of the last etcd failure seen (0: none)
         self._session: Session | None = None
+        self._election: Election | None = None
         self._held: tuple[int, ...] = ()
 
     def stop(self) -> None:
@@ -152,8 +153,11 @@ class Coordinator:
                     election = Election(
                         self.client, self.keys.coordinator, session, self.config.identity
                     )
+                    self._election = election
                     if self._campaign(election):
                         self._lead(session, election)
+                    elif session.loss is not None:  # the session ended while campaigning
+                        self._last_failure = time.monotonic()
                     if self._stop.is_set():
                         election.resign()
             except (EtcdUnavailable, LeaseLost, FenceFailed) as exc:
@@ -222,7 +226,7 @@ class Coordinator:
                 revision = self._follow(stream, session, election, revision)
             except (WatchBroken, WatchCompacted, EtcdUnavailable) as exc:
                 log.info("coordinator: slot watch interrupted (%s); resyncing", exc)
-                if isinstance(exc, EtcdUnavailable):
+                if not isinstance(exc, WatchCompacted):  # a member lost or leaderless
                     self._last_failure = time.monotonic()
                 self._stop.wait(0.1)
                 revision = self.reconcile(election)
@@ -251,10 +255,13 @@ class Coordinator:
                 return
 
     def _in_grace(self) -> bool:
-        """Whether an etcd failure (this process's own requests or its session's renewals)
-        was seen less than ``grace_s`` ago."""
-        session_failure = self._session.last_failure if self._session else 0.0
-        last = max(self._last_failure, session_failure)
+        """Whether an etcd failure (this process's own requests, its campaign, a broken
+        watch, or its session's renewals) was seen less than ``grace_s`` ago."""
+        last = max(
+            self._last_failure,
+            self._session.last_failure if self._session else 0.0,
+            self._election.last_failure if self._election else 0.0,
+        )
         return bool(last) and time.monotonic() - last < self.config.grace_s
 
     def _say_held(self, held: list[int]) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from .errors import EtcdUnavailable, WatchBroken, WatchCompacted
 from .etcd import EtcdClient, cmp_create, op_delete, op_get, op_put
@@ -25,6 +26,7 @@ class Election:
         self.client, self.key, self.session = client, key, session
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
         self.leader_revision = 0  # create_revision of our key while we lead
+        self.last_failure = 0.0  # monotonic time etcd last failed the campaign (0: never)
 
     def fence(self) -> list[dict]:
         """The compare that holds only while we are still the leader."""
@@ -52,6 +54,8 @@ class Election:
                     self._wait_deleted(holder.mod_revision, stop)
             except (EtcdUnavailable, WatchBroken, WatchCompacted) as exc:
                 log.info("%s: campaign interrupted (%s); retrying", self.identity, exc)
+                if not isinstance(exc, WatchCompacted):
+                    self.last_failure = time.monotonic()
                 stop.wait(0.2)
         return False
 

@@ -1,8 +1,10 @@
-"""A local etcd server process: the launcher's embedded etcd, the tests' fixture, the benches'.
+"""Local etcd processes: the launcher's embedded etcd, the tests' fixtures, the benches'.
 
-It listens on 127.0.0.1 only, on free ports unless told otherwise, with its own data dir, and
-is stopped by pid. ``restart()`` keeps the data dir, so leases and keys survive it (etcd
-persists leases; the new leader extends each one to its full TTL).
+:class:`EtcdServer` is one member; :class:`EtcdCluster` is several members of one cluster (the
+tests' 3-member cluster, whose members are killed, restarted and stopped under load). Both
+listen on 127.0.0.1 only, on free ports unless told otherwise, with their own data dirs, and
+are stopped by pid. A restart keeps the data dir, so leases and keys survive it (etcd persists
+leases; the new leader extends each one to its full TTL).
 """
 
 from __future__ import annotations
@@ -38,14 +40,27 @@ def find_etcd_binary() -> str:
     return path
 
 
+# Raft timings for members on one loopback host. A heartbeat every 50 ms costs nothing here,
+# and an election timeout of 500 ms (ten heartbeats missed) lets a killed leader be
+# replaced within about a second: well inside the sessions' lease TTL (2-3 s), whose renewals
+# fail while there is no leader. Much shorter and a starved 2-core host (a CPU cluster decoding
+# beside etcd) would see elections nobody caused.
+HEARTBEAT_MS, ELECTION_MS = 50, 500
+
+
 @dataclass
 class EtcdServer:
-    """One etcd member on 127.0.0.1. Use :meth:`start`, :meth:`stop`, :meth:`restart`."""
+    """One etcd member on 127.0.0.1. Use :meth:`start`, :meth:`stop`, :meth:`restart`.
+
+    Alone by default; a member of a cluster gets its ``name`` and ``initial_cluster`` (every
+    member's ``name=peer URL``, see :class:`EtcdCluster`)."""
 
     data_dir: str | None = None
     client_port: int = 0
     peer_port: int = 0
     log_path: str | None = None
+    name: str = "eep"
+    initial_cluster: str | None = None  # None: this member alone
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _own_dir: bool = field(default=False, repr=False)
 
@@ -54,10 +69,21 @@ class EtcdServer:
         return f"127.0.0.1:{self.client_port}"
 
     @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
     def start(self, timeout_s: float = 15.0) -> EtcdServer:
+        self.spawn()
+        self.wait_ready(timeout_s)
+        return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to serve: the members of a new cluster
+        must all run before any of them has a leader and answers ``/health``."""
         if self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="eep-etcd-")
             self._own_dir = True
@@ -66,20 +92,19 @@ class EtcdServer:
         self.peer_port = self.peer_port or free_port()
         self.log_path = self.log_path or os.path.join(self.data_dir, "etcd.log")
         client_url = f"http://127.0.0.1:{self.client_port}"
-        peer_url = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
             find_etcd_binary(),
-            "--name=eep",
+            f"--name={self.name}",
             f"--data-dir={os.path.join(self.data_dir, 'member-data')}",
             f"--listen-client-urls={client_url}",
             f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=eep={peer_url}",
+            f"--listen-peer-urls={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            # ignored once the data dir holds a member: a restart rejoins as itself
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={self.peer_url}'}",
             "--initial-cluster-state=new",
-            # one member: short ticks make start-up and leader election quick
-            "--heartbeat-interval=50",
-            "--election-timeout=500",
+            f"--heartbeat-interval={HEARTBEAT_MS}",
+            f"--election-timeout={ELECTION_MS}",
             "--logger=zap",
             "--log-level=warn",
         ]
@@ -87,11 +112,9 @@ class EtcdServer:
             self._proc = subprocess.Popen(
                 cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self._wait_ready(timeout_s)
-        log.info("etcd up at %s (pid %d, data %s)", self.endpoint, self.pid, self.data_dir)
-        return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        """Wait until the member reports itself healthy (it has a leader and serves reads)."""
         import requests  # etcd's health endpoint; imported here so the module stays light
 
         deadline = time.monotonic() + timeout_s
@@ -103,6 +126,7 @@ class EtcdServer:
                 )
             try:
                 if requests.get(url, timeout=0.5).json().get("health") == "true":
+                    log.info("etcd %s up at %s (pid %d)", self.name, self.endpoint, self.pid)
                     return
             except (requests.RequestException, ValueError):
                 pass
@@ -116,6 +140,8 @@ class EtcdServer:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(sig)
+        if sig != signal.SIGKILL:
+            os.kill(proc.pid, signal.SIGCONT)  # a stopped member acts on SIGTERM only when woken
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -134,6 +160,131 @@ class EtcdServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class EtcdCluster:
+    """``size`` etcd members of one new cluster on 127.0.0.1, each on its own free ports with
+    its own data dir under one temp dir, started together and stopped by pid.
+
+    Faults by member index: :meth:`kill` (SIGKILL) and :meth:`restart` (same ports and data
+    dir: it rejoins as itself and catches up from the leader), :meth:`pause` and
+    :meth:`resume` (SIGSTOP/SIGCONT: a member that accepts connections but never answers).
+    """
+
+    def __init__(self, size: int = 3, base_dir: str | None = None):
+        if size < 1:
+            raise ValueError(f"an etcd cluster needs at least 1 member, got {size}.")
+        self._own_dir = base_dir is None
+        self.base_dir = base_dir or tempfile.mkdtemp(prefix="eep-etcd-cluster-")
+        self.members = [
+            EtcdServer(
+                data_dir=os.path.join(self.base_dir, f"m{i}"),
+                client_port=free_port(),
+                peer_port=free_port(),
+                name=f"m{i}",
+            )
+            for i in range(size)
+        ]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+        self.paused: set[int] = set()
+
+    @property
+    def endpoints(self) -> str:
+        """Every member's client endpoint, comma-separated: what ``EtcdClient`` and ``--etcd``
+        take."""
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self, timeout_s: float = 30.0) -> EtcdCluster:
+        for member in self.members:
+            member.spawn()
+        deadline = time.monotonic() + timeout_s
+        try:
+            for member in self.members:
+                member.wait_ready(max(0.1, deadline - time.monotonic()))
+        except EtcdUnavailable:
+            self.cleanup()
+            raise
+        return self
+
+    # --- faults ----------------------------------------------------------------------------
+
+    def kill(self, idx: int) -> None:
+        """SIGKILL member ``idx`` (a paused one too); its data dir stays for :meth:`restart`."""
+        self.paused.discard(idx)
+        self.members[idx].stop(signal.SIGKILL)
+
+    def restart(self, idx: int, timeout_s: float = 30.0) -> None:
+        """Start member ``idx`` again on its ports and data dir; wait until it serves."""
+        self.kill(idx)
+        self.members[idx].start(timeout_s)
+
+    def pause(self, idx: int) -> None:
+        self._signal(idx, signal.SIGSTOP)
+        self.paused.add(idx)
+
+    def resume(self, idx: int) -> None:
+        self._signal(idx, signal.SIGCONT)
+        self.paused.discard(idx)
+
+    def _signal(self, idx: int, sig: int) -> None:
+        pid = self.members[idx].pid
+        if pid is None:
+            raise ValueError(f"etcd member {idx} is not running.")
+        os.kill(pid, sig)
+
+    # --- leadership ------------------------------------------------------------------------
+
+    def status(self, idx: int, timeout_s: float = 0.5) -> dict | None:
+        """Member ``idx``'s ``/v3/maintenance/status`` (``None``: down, paused or silent)."""
+        import requests
+
+        if self.members[idx].pid is None or idx in self.paused:
+            return None
+        url = f"http://{self.members[idx].endpoint}/v3/maintenance/status"
+        try:
+            return requests.post(url, json={}, timeout=timeout_s).json()
+        except (requests.RequestException, ValueError):
+            return None
+
+    def leader(self) -> int | None:
+        """The index of the member that leads now, as the members that answer see it: one that
+        names itself leader and that no answering member contradicts (``None`` otherwise)."""
+        statuses = {i: s for i in range(len(self.members)) if (s := self.status(i)) is not None}
+        ids = {int(s["header"]["member_id"]): i for i, s in statuses.items()}
+        leaders = {int(s.get("leader", 0)) for s in statuses.values()}
+        if len(leaders) != 1:
+            return None
+        return ids.get(leaders.pop())
+
+    def wait_leader(self, timeout_s: float = 15.0, other_than: int | None = None) -> int:
+        """Wait for a leader (other than member ``other_than``) that every answering member
+        agrees on; returns its index."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            idx = self.leader()
+            if idx is not None and idx != other_than:
+                return idx
+            time.sleep(0.05)
+        raise EtcdUnavailable(
+            f"no etcd leader{'' if other_than is None else f' other than member {other_than}'} "
+            f"within {timeout_s} s; see the members' logs under {self.base_dir}"
+        )
+
+    # --- teardown --------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        for idx in range(len(self.members)):
+            self.kill(idx)
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -30,6 +30,8 @@ from .etcd import EtcdClient
 
 log = logging.getLogger(__name__)
 
+OUTAGE_TAIL_S = 30.0  # a lease lost this soon after renewals worked again counts as the outage's
+
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
@@ -82,6 +84,7 @@ class Session:
         self._failing_since: float | None = None  # first failed renewal since the last success
         self._stalled = False  # the progress probe stopped moving: renewals withheld
         self.last_failure = 0.0  # monotonic time of the last failed renewal (0: none yet)
+        self._recovered_at: float | None = None  # when renewals last worked again after failing
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -236,11 +239,15 @@ class Session:
                 "%s: a renewal took %.2f s (asked to take %.2f)", self.name, took, interval / 2
             )
         if ttl <= 0:
-            if self.config.ride_outages and self._failing_since is not None:
+            # an outage, or just after one: a member that was stopped past the TTL may revoke
+            # leases as it resumes even though they were renewed through another meanwhile
+            # (etcd 3.4, issue 15247); re-attaching is safe either way (it needs the view)
+            after = self._recovered_at is not None and sent - self._recovered_at < OUTAGE_TAIL_S
+            if self.config.ride_outages and (self._failing_since is not None or after):
                 self._end(
                     LeaseExpiredInOutage(
-                        f"{self.name}: lease {self.lease_id:x} ran out during an etcd outage "
-                        f"of {sent - self._failing_since:.1f} s"
+                        f"{self.name}: lease {self.lease_id:x} ran out during or just after an "
+                        "etcd outage"
                     )
                 )
             else:
@@ -248,5 +255,6 @@ class Session:
             return interval
         if self._failing_since is not None:
             log.info("%s: renewed again after %.1f s", self.name, sent - self._failing_since)
+            self._recovered_at = sent
         self._last_renewal, self._failing_since = sent, None
         return interval

@@ -53,6 +53,17 @@ def etcd_fresh():
 
 
 @pytest.fixture
+def etcd_cluster():
+    """A 3-member etcd cluster of the test's own (free ports, temp data dirs, every member
+    stopped by pid at the end), for tests that kill, restart or stop its members."""
+    from eep.membership.server import EtcdCluster
+
+    members = EtcdCluster(3).start()
+    yield members
+    members.cleanup()
+
+
+@pytest.fixture
 def cluster() -> str:
     """A cluster name of the test's own, so tests sharing one etcd never see each other."""
     return f"t{uuid.uuid4().hex[:10]}"
