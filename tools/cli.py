@@ -32,6 +32,10 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "serve": ("bench_serve", "decode tokens/s: elastic fabric vs checks off vs the NCCL baseline"),
     "chaos": ("bench_chaos", "fault matrix: named fault cases x repeats, every invariant checked"),
     "stability": ("bench_stability", "clean launches and steady load: no view change may happen"),
+    "control-plane": (
+        "bench_control_plane",
+        "etcd stalls, etcd leader kill, front-end and coordinator kills: tokens/s timelines",
+    ),
 }
 
 
