@@ -30,6 +30,7 @@ import json
 import os
 import re
 import signal
+import sys
 import tempfile
 import time
 
@@ -133,6 +134,7 @@ def run_case(case: str, args, model: str, log_root: str) -> dict:
     from eep.launcher import Cluster, ClusterOptions
     from eep.membership.server import EtcdCluster
 
+    from . import faults
     from .loadgen import Load, LoadSpec, prompts_for
 
     cfg = runtime_config(args, model, new_cluster_name("cp"))
@@ -148,6 +150,9 @@ def run_case(case: str, args, model: str, log_root: str) -> dict:
     )
     cluster = Cluster(opts).start(timeout_s=300)
     try:
+        # the standbys start behind the ready workers: warm them first, or their imports
+        # would eat into the steady rate the fault is measured against
+        faults.wait_standbys(cluster)
         epoch0 = cluster.history()[-1].epoch
         spec = LoadSpec(max_tokens=args.max_tokens, streams=args.streams)
         load = Load(cluster.url, prompts_for(16), spec).start()
@@ -248,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
     from .launch import tiny_model
     from .recovery_report import provenance
 
+    # SIGTERM unwinds like Ctrl-C, so every cluster started so far is stopped (its processes
+    # run in sessions of their own and would outlive the bench)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     cases = _cases(args.cases)
     if args.warm_s < 1 or args.after_s < 4 or args.bin_s <= 0:
         raise SystemExit("eep bench control-plane: --warm-s >= 1, --after-s >= 4, --bin-s > 0")
