@@ -21,7 +21,7 @@ from eep.model.checkpoint import expert_tensor_names
 from eep.model.qwen3_moe import Qwen3MoeModel
 from eep.transfer.arena import ALIGN, Arena, ArenaLayout, dtype_name
 from eep.transfer.checkpoint import Checkpoint
-from eep.transfer.checksum import checksums
+from eep.transfer.checksum import format_checksum, range_checksums
 from eep.transfer.config import TransferConfig
 from eep.transfer.executor import OnPlan, Puller
 from eep.transfer.manifest import ManifestStore, build_manifest
@@ -93,18 +93,20 @@ class ExpertArena:
         transport,
         store: ManifestStore,
         config: TransferConfig,
-        checkpoint_path: str,
+        checkpoint_path: str | None,
         exclude: tuple[str, ...] = (),
         peers: bool = True,
         on_plan: OnPlan | None = None,
     ) -> PullStats:
         """Every local expert from live holders (several at once, verified), the rest from
-        the checkpoint; ``peers=False``: all from the checkpoint. ``on_plan``: see
+        the checkpoint; ``peers=False``: all from the checkpoint. ``checkpoint_path=None``: no
+        fallback (a bench; a tensor no holder has is then :class:`NoSource`). ``on_plan``: see
         :meth:`eep.transfer.executor.Puller.pull`."""
         manifests = [m for m in store.live() if m.holder not in exclude] if peers else []
         started = time.monotonic()
+        checkpoint = Checkpoint(checkpoint_path) if checkpoint_path is not None else None
         report = Puller(transport, self.arena, config).pull(
-            manifests, checkpoint=Checkpoint(checkpoint_path), on_plan=on_plan
+            manifests, checkpoint=checkpoint, on_plan=on_plan
         )
         disk = sum(self.arena.layout[n].nbytes for n in report.from_disk)
         return PullStats(
@@ -130,13 +132,11 @@ class ExpertArena:
         ``extra`` arenas, e.g. the KV blocks), bound to the slot's lease."""
         self.arena.register(transport)
         specs = self.arena.layout.specs
-        sums = dict(
-            zip(
-                [s.name for s in specs],
-                checksums([self.arena.bytes_of(s) for s in specs]),
-                strict=True,
-            )
+        # one computation over the arena, as a reader verifies (values identical to checksum)
+        values = range_checksums(
+            self.arena.buffer, [s.offset for s in specs], [s.nbytes for s in specs]
         )
+        sums = {s.name: format_checksum(v) for s, v in zip(specs, values.tolist(), strict=True)}
         manifest = build_manifest(
             holder,
             transport,

@@ -1,14 +1,20 @@
 """``eep bench transfer``: GB/s of a recovery-sized pull from 1, 2 and 3 holders.
 
 Holders are real processes (one per source, each on its own GPU when there are enough); this
-process pulls their expert arena into its own, verified, and prints each figure beside the
-ceiling measured in the same run: a plain torch device-to-device peer copy on GPU, a local
-memcpy on CPU. Writes everything to a JSON file.
+process pulls from them and prints each figure beside the ceiling measured in the same run (a
+torch peer copy on GPU, a memcpy on CPU). Three pulls of the same size, interleaved each round:
+``bench``, :class:`eep.transfer.executor.Puller` over 128 tensors, verified (the figure this
+bench always printed); ``raw``, the same bytes in the same requests with no planning and no
+checksums; ``recovery``, what a restarted rank runs: ``ExpertArena.fill`` with the rank's
+transfer config into the expert arena of a Qwen3-MoE model whose experts have
+``--recovery-shape`` (Qwen3-30B-A3B's: 3 MiB tensors), held by every holder in the same order
+(as a replica of the initial placement). Writes everything to a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -19,42 +25,26 @@ MiB = 1 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where arenas live (auto: cuda when a GPU is present)",
-    )
-    parser.add_argument(
-        "--size-mib",
-        type=int,
-        default=0,
-        help="bytes pulled, MiB (default: 8192 on GPU, 512 on CPU)",
-    )
-    parser.add_argument("--tensors", type=int, default=128, help="tensors in the arena")
-    parser.add_argument("--sources", default="1,2,3", help="source counts to measure")
-    parser.add_argument(
+    arg = parser.add_argument
+    arg("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if present")
+    arg("--size-mib", type=int, default=0, help="bytes pulled, MiB (8192 on GPU, 512 on CPU)")
+    arg("--tensors", type=int, default=128, help="tensors in the arena")
+    arg("--sources", default="1,2,3", help="source counts to measure")
+    arg(
         "--protocols",
         default="",
         help="comma list (default: tcp on CPU; cuda_ipc,nvlink_intra on GPU). "
         "'nvlink_intra-naive' repeats the first try: no MC_INTRANODE_NVLINK",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="pulls per figure (median)")
-    parser.add_argument(
-        "--chunk-mib", type=int, default=0, help="request size, MiB (default: 256 on GPU, 8 on CPU)"
-    )
-    parser.add_argument(
-        "--inflight", type=int, default=0, help="requests in flight per source (8 GPU, 4 CPU)"
-    )
-    parser.add_argument(
-        "--naive-mib",
-        type=int,
-        default=2048,
-        help="size of the nvlink_intra-naive pull (it is slow)",
-    )
-    parser.add_argument("--json", default="bench-transfer.json", help="output file")
-    parser.add_argument("--etcd", default="", help="etcd host:port (default: start one)")
-    parser.add_argument("--progress", action="store_true", help="show progress of each pull")
+    arg("--repeats", type=int, default=3, help="pulls per figure (median)")
+    arg("--chunk-mib", type=int, default=0, help="request size, MiB (256 on GPU, 8 on CPU)")
+    arg("--inflight", type=int, default=0, help="requests in flight per source (8 GPU, 4 CPU)")
+    arg("--naive-mib", type=int, default=2048, help="size of the nvlink_intra-naive pull (slow)")
+    arg("--recovery-shape", default="2048,768", help="recovery experts' hidden,moe_intermediate")
+    arg("--no-recovery", action="store_true", help="skip the recovery and raw pulls")
+    arg("--json", default="bench-transfer.json", help="output file")
+    arg("--etcd", default="", help="etcd host:port (default: start one)")
+    arg("--progress", action="store_true", help="show progress of each pull")
 
 
 def _progress_printer(label: str):
@@ -142,14 +132,67 @@ def _stop_holders(procs) -> None:
             p.join(5)
 
 
+def _recovery_model(args, total_nbytes: int, device):
+    """A Qwen3-MoE model on ``device`` whose experts (``--recovery-shape``, bf16) fill about
+    ``total_nbytes``; dense parts shrunk to almost nothing (only the experts are pulled)."""
+    import torch
+
+    from eep.model.config import ModelConfig
+    from eep.model.qwen3_moe import Qwen3MoeModel
+
+    hidden, inter = (int(v) for v in args.recovery_shape.split(","))
+    full = ModelConfig.qwen3_30b_a3b()
+    experts = max(1, total_nbytes // (3 * hidden * inter * 2))
+    layers = max(1, -(-experts // full.num_experts))
+    small = dict(vocab_size=256, num_attention_heads=1, num_key_value_heads=1, head_dim=64)
+    shape = dict(hidden_size=hidden, moe_intermediate_size=inter, num_hidden_layers=layers)
+    cfg = full.replace(intermediate_size=64, **small, **shape)
+    local = tuple(range(max(1, experts // layers)))
+    return Qwen3MoeModel(cfg, local, device=device, dtype=torch.bfloat16)
+
+
+def _raw_pull(transport, arena, manifests, cfg) -> float:
+    """Seconds to move ``arena``'s bytes from ``manifests``' holders (an equal contiguous share
+    each, at the same offsets) in requests of ``chunk_nbytes``, ``max_inflight`` per holder:
+    the executor's requests without its planning and checksums."""
+    from eep.transfer.engine import Op, Poll
+
+    share, step = -(-arena.nbytes // len(manifests)), cfg.chunk_nbytes
+    queues, flying = [], [[] for _ in manifests]
+    for i, m in enumerate(manifests):
+        stop = min(arena.nbytes, (i + 1) * share)
+        todo = [(o, min(step, stop - o)) for o in range(i * share, stop, step)]
+        queues.append((m.peer, m.region("experts").addr, todo))
+    t0, idle = time.monotonic(), 0
+    while any(q for _, _, q in queues) or any(flying):
+        moved = 0
+        for (peer, base, q), fly in zip(queues, flying, strict=True):
+            while q and len(fly) < cfg.max_inflight:
+                off, n = q.pop(0)
+                fly.append(transport.submit(Op.READ, peer, arena.addr + off, base + off, n))
+                moved += 1
+            for t in list(fly):
+                state = transport.poll(t)
+                if state is Poll.FAILED:
+                    raise RuntimeError(f"raw read from holder {peer.holder} failed")
+                if state is Poll.DONE:
+                    fly.remove(t)
+                    moved += 1
+        idle = 0 if moved else min(idle + 1, 6)  # the executor's back-off
+        if idle:
+            time.sleep(min(25e-6 * (1 << idle), 2e-3))
+    _sync(arena.device)
+    return time.monotonic() - t0
+
+
 def _bench_protocol(args, proto: str, device, total_mib: int, source_counts, etcd, ctx):
     import torch
 
+    from eep.expert_arena import ExpertArena
     from eep.tools.holder_proc import spec_tensors
     from eep.transfer.arena import Arena, ArenaLayout
     from eep.transfer.config import TransferConfig
     from eep.transfer.engine import start_transport
-    from eep.transfer.executor import Puller
     from eep.transfer.manifest import ManifestStore
 
     naive = proto.endswith("-naive")
@@ -166,6 +209,12 @@ def _bench_protocol(args, proto: str, device, total_mib: int, source_counts, etc
         pull_timeout_s=90.0,
     )
     tensors = spec_tensors(args.tensors, total_mib * MiB // args.tensors)
+    experts = None
+    if not args.no_recovery:
+        experts = ExpertArena(_recovery_model(args, total_mib * MiB, device), device)
+        specs = experts.arena.layout.specs
+        tensors = (*tensors, *((s.name, s.dtype, s.shape) for s in specs))
+        print(f"[{proto}] recovery: {len(specs)} tensors of {specs[0].nbytes} B", file=sys.stderr)
     n_src = max(source_counts)
     ngpu = torch.cuda.device_count() if gpu else 0
     if gpu:
@@ -178,45 +227,87 @@ def _bench_protocol(args, proto: str, device, total_mib: int, source_counts, etc
     rows = []
     try:
         transport = start_transport(cfg)
-        arena = Arena("experts", ArenaLayout.pack(tensors), device)
+        arena = Arena("experts", ArenaLayout.pack(tensors[: args.tensors]), device)
         arena.register(transport)
-        manifests = ManifestStore(etcd, cluster).live()
+        store = ManifestStore(etcd, cluster)
+        manifests = store.live()
+        # what a restarted rank builds (eep/rank/build.py): the protocol's defaults
+        rank_cfg = TransferConfig(protocol=protocol, host_id=cfg.host_id, engine_env=cfg.engine_env)
+        if experts is not None:
+            experts.arena.register(transport)
         for k in source_counts:
             use = [m for m in manifests if int(m.holder) <= k]
-            # the first pull opens IPC mappings, handshakes and compiles the checksum kernel:
-            # what a restarted rank pays once; reported apart, not in the median
-            cold = Puller(transport, arena, cfg).pull(use).seconds
-            times, report = [], None
-            for r in range(args.repeats):
-                arena.buffer.fill_(0)
-                _sync(device)
-                prog = _progress_printer(f"{proto} x{k} #{r}") if args.progress else None
-                report = Puller(transport, arena, cfg, prog).pull(use)
-                _sync(device)
-                times.append(report.seconds)
-            med = statistics.median(times)
-            rows.append(
-                {
-                    "protocol": proto,
-                    "sources": k,
-                    "nbytes": report.nbytes,
-                    "seconds": med,
-                    "gbps": report.nbytes / med / 1e9,
-                    "all_seconds": times,
-                    "cold_seconds": cold,
-                    "bytes_by_holder": report.bytes_by_holder,
-                    "failed_holders": report.failed_holders,
-                }
-            )
-            print(
-                f"[{proto}] {k} source(s): {rows[-1]['gbps']:.2f} GB/s (first pull {cold:.3f} s)",
-                file=sys.stderr,
-            )
-        arena.unregister()
+            pulls = {
+                "bench": (arena, functools.partial(_verified, args, transport, arena, cfg, use))
+            }
+            if experts is not None:
+                others = tuple(m.holder for m in manifests if int(m.holder) > k)
+                pulls["raw"] = (arena, functools.partial(_raw, transport, arena, use, cfg))
+                pulls["recovery"] = (
+                    experts.arena,
+                    functools.partial(_recovery, transport, experts, store, rank_cfg, others),
+                )
+            rows.append(_measure(args, proto, k, pulls))
+        for a in (arena, *([experts.arena] if experts else [])):
+            a.unregister()
         transport.close()
     finally:
         _stop_holders(procs)
     return rows
+
+
+def _verified(args, transport, arena, cfg, use, label: str):
+    from eep.transfer.executor import Puller
+
+    prog = _progress_printer(label) if args.progress else None
+    report = Puller(transport, arena, cfg, prog).pull(use)
+    extra = {"bytes_by_holder": report.bytes_by_holder, "failed_holders": report.failed_holders}
+    return report.seconds, report.nbytes, extra
+
+
+def _raw(transport, arena, use, cfg, label: str):
+    return _raw_pull(transport, arena, use, cfg), arena.nbytes, {}
+
+
+def _recovery(transport, experts, store, rank_cfg, others, label: str):
+    stats = experts.fill(transport, store, rank_cfg, None, exclude=others)
+    return stats.seconds, stats.nbytes, {"bytes_by_holder": stats.from_peers}
+
+
+def _measure(args, proto: str, k: int, pulls) -> dict:
+    """Every pull once cold (handshakes, IPC mappings, kernel compiles: what a restarted rank
+    pays once; reported apart), then ``args.repeats`` rounds of all of them, interleaved so a
+    shared machine's load falls on each alike. Figures are medians; ``*_paired`` is the median
+    of the ratios within each round."""
+    times: dict[str, list[float]] = {name: [] for name in pulls}
+    cold, last = {}, {}
+    for r in range(-1, args.repeats):
+        for name, (arena, pull) in pulls.items():
+            arena.buffer.fill_(0)
+            _sync(arena.device)
+            seconds, nbytes, extra = pull(f"{proto} x{k} {name} #{r}")
+            if r < 0:
+                cold[name] = seconds
+            else:
+                times[name].append(seconds)
+            last[name] = (nbytes, extra)
+    row = {"protocol": proto, "sources": k}
+    for name, (nbytes, extra) in last.items():
+        pre, med = ("" if name == "bench" else f"{name}_"), statistics.median(times[name])
+        row |= {f"{pre}nbytes": nbytes, f"{pre}seconds": med, f"{pre}gbps": nbytes / med / 1e9}
+        row |= {f"{pre}all_seconds": times[name], f"{pre}cold_seconds": cold[name]}
+        row |= {f"{pre}{key}": value for key, value in extra.items()}
+    line = f"[{proto}] {k} source(s): bench {row['gbps']:.2f} GB/s"
+    if "recovery" in pulls:
+        row["recovery_over_bench"] = row["recovery_gbps"] / row["gbps"]
+        row["recovery_over_raw"] = row["recovery_gbps"] / row["raw_gbps"]
+        row["bench_over_raw"] = row["gbps"] / row["raw_gbps"]
+        rounds = zip(times["recovery"], times["bench"], strict=True)
+        ratios = [(row["recovery_nbytes"] / t) / (row["nbytes"] / b) for t, b in rounds]
+        row["recovery_over_bench_paired"] = statistics.median(ratios)
+        line += f", raw {row['raw_gbps']:.2f}, recovery {row['recovery_gbps']:.2f}"
+    print(line + f"; first pull {cold['bench']:.3f} s", file=sys.stderr)
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,6 +334,9 @@ def run(args: argparse.Namespace) -> int:
     ceiling, ceiling_what = _ceiling(device, total_mib * MiB, args.repeats)
     print(f"ceiling ({ceiling_what}, {total_mib} MiB): {ceiling:.2f} GB/s", file=sys.stderr)
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_avg_start": os.getloadavg(),
+        "recovery_shape": None if args.no_recovery else args.recovery_shape,
         "card": card,
         "device_count": torch.cuda.device_count() if use_gpu else 0,
         "torch": torch.__version__,
@@ -267,23 +361,39 @@ def run(args: argparse.Namespace) -> int:
             for r in rows:
                 r["ratio_to_ceiling"] = r["gbps"] / ceiling
             result["results"] += rows
+            result["load_avg_end"] = os.getloadavg()
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
     finally:
         etcd.close()
         if server is not None:
             server.cleanup()
+    _print_table(args, result, total_mib)
+    return 1 if result["errors"] else 0
+
+
+def _print_table(args, result: dict, total_mib: int) -> None:
+    load = (result["load_avg_start"][0], result.get("load_avg_end", [0])[0])
     print(
-        f"\ntransfer bench on {card}: pull of {total_mib} MiB in {args.tensors} tensors, "
-        f"verified; ceiling {ceiling:.1f} GB/s ({ceiling_what})"
+        f"\ntransfer bench on {result['card']}, {result['date']}: pull of {total_mib} MiB in "
+        f"{args.tensors} tensors, verified; ceiling {result['ceiling_gbps']:.1f} GB/s "
+        f"({result['ceiling']}); load average {load[0]:.1f} at the start, {load[1]:.1f} at the end"
     )
-    print(f"{'protocol':<20}{'sources':>8}{'MiB':>8}{'s':>9}{'GB/s':>9}{'/ceiling':>10}")
+    head = f"{'protocol':<20}{'sources':>8}{'MiB':>6}{'s':>8}{'GB/s':>8}{'/ceiling':>9}"
+    print(head + (f"{'raw':>8}{'recovery':>10}{'rec/bench':>10}" if not args.no_recovery else ""))
     for r in result["results"]:
         print(
-            f"{r['protocol']:<20}{r['sources']:>8}{r['nbytes'] // MiB:>8}{r['seconds']:>9.4f}"
-            f"{r['gbps']:>9.2f}{r['ratio_to_ceiling']:>9.1%}"
+            f"{r['protocol']:<20}{r['sources']:>8}{r['nbytes'] // MiB:>6}{r['seconds']:>8.3f}"
+            f"{r['gbps']:>8.2f}{r['ratio_to_ceiling']:>9.1%}"
+            + (
+                f"{r['raw_gbps']:>8.2f}{r['recovery_gbps']:>10.2f}{r['recovery_over_bench']:>10.2f}"
+                if "recovery_gbps" in r
+                else ""
+            )
         )
+    if not args.no_recovery:
+        print(f"recovery: ExpertArena.fill, experts {args.recovery_shape} (hidden,moe_inter), the")
+        print("rank's transfer config; raw: the bench's requests without planning or checksums")
     for proto, err in result["errors"].items():
         print(f"{proto:<20} failed: {err}")
     print(f"JSON: {args.json}")
-    return 1 if result["errors"] else 0

@@ -8,7 +8,7 @@ place in the arena (its offset) is all a peer needs to read it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +71,11 @@ class ArenaLayout:
 
     specs: tuple[TensorSpec, ...]
     nbytes: int
+    _index: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # by name in O(1): a pull of thousands of tensors looks every one up
+        object.__setattr__(self, "_index", {s.name: s for s in self.specs})
 
     @classmethod
     def pack(cls, tensors: Iterable[tuple[str, str, Sequence[int]]]) -> ArenaLayout:
@@ -88,10 +93,7 @@ class ArenaLayout:
         return cls(tuple(specs), max(offset, ALIGN))
 
     def __getitem__(self, name: str) -> TensorSpec:
-        for s in self.specs:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        return self._index[name]
 
     @property
     def names(self) -> list[str]:

@@ -1,11 +1,16 @@
 """The executor: runs a transfer plan, verifies every tensor, re-plans around failures.
 
 One thread submits and polls; a small pool verifies checksums (and reads the checkpoint) as
-tensors complete, so verification overlaps the transfer. Each holder has up to
-``max_inflight`` requests of at most ``chunk_nbytes`` in flight; a request past its deadline
-marks its holder hung. A holder that fails (dead, unreachable, hung) is excluded and every
-tensor it had not delivered is re-planned onto the others; a tensor whose bytes fail the
-checksum is re-planned with that (holder, tensor) pair excluded.
+tensors complete, so verification overlaps the transfer. Verification is batched: the tensors
+whose bytes have all landed wait in one list, and each idle verifier takes its share of that
+list as one batch, one checksum computation over all of it
+(:func:`eep.transfer.checksum.range_checksums`: one kernel launch on CUDA, one vectorised pass
+on the CPU) and one read of the results back to the host, so neither a launch nor a host sync
+is paid per tensor. Each holder has up to ``max_inflight`` requests of at most
+``chunk_nbytes`` in flight; a request past its deadline marks its holder hung. A holder that
+fails (dead, unreachable, hung) is excluded and every tensor it had not delivered is re-planned
+onto the others; a tensor whose bytes fail the checksum is re-planned with that (holder,
+tensor) pair excluded, alone: the rest of its batch stands on its own checksums.
 
 Hazard: an abandoned request to a hung holder cannot be cancelled in the engine, so its bytes
 may still land later, over a copy fetched elsewhere. Such tensors are verified once more at
@@ -21,14 +26,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .arena import ALIGN, Arena, TensorSpec
+from .arena import Arena, TensorSpec
 from .checkpoint import Checkpoint
-from .checksum import checksum
+from .checksum import format_checksum, parse_checksum, range_checksums
 from .config import TransferConfig
 from .engine import Op, Poll, Ticket
 from .errors import NoSource, PullTimeout, SourceFailed
 from .manifest import Manifest
-from .planner import DiskOp, ReadOp, TransferPlan, plan_pull
+from .planner import DiskOp, ReadOp, Request, TransferPlan, plan_pull, requests_of
 
 log = logging.getLogger(__name__)
 
@@ -38,58 +43,38 @@ OnPlan = Callable[[TransferPlan], None]
 
 @dataclass
 class PullReport:
-    """What a pull did: bytes and seconds, per-holder bytes, and every failure handled."""
+    """What a pull did: bytes and seconds, per-holder bytes, and every failure handled.
+
+    ``corrupt``: (holder, tensor) pairs whose bytes failed their checksum; ``overwritten``:
+    tensors that passed, then changed before the end (a hung holder's late write) and were
+    fetched again; ``batches``: checksum computations run (each over many tensors).
+    """
 
     nbytes: int = 0
     seconds: float = 0.0
     bytes_by_holder: dict[str, int] = field(default_factory=dict)
     failed_holders: dict[str, str] = field(default_factory=dict)
     corrupt: list[tuple[str, str]] = field(default_factory=list)
+    overwritten: list[str] = field(default_factory=list)
     from_disk: list[str] = field(default_factory=list)
     replans: int = 0
+    batches: int = 0
 
     @property
     def gbps(self) -> float:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-@dataclass(slots=True)
-class _Chunk:
-    """One request: ``nbytes`` contiguous on both sides, covering ``parts`` (read, bytes):
-    a piece of one large tensor, or several small tensors that lie back to back."""
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """Landed tensors verified together: one checksum computation, one read back."""
 
-    local_offset: int
-    remote_addr: int
-    nbytes: int
-    parts: list[tuple[ReadOp, int]]
-
-
-def _chunks(reads: list[ReadOp], step: int) -> list[_Chunk]:
-    """Requests of at most ``step`` bytes; neighbours on both sides (gaps under ``ALIGN``
-    equal on both sides, which are padding) are coalesced, so an arena moves in a few large
-    requests instead of one per tensor."""
-    out: list[_Chunk] = []
-    for r in sorted(reads, key=lambda r: r.local_offset):
-        if out and r.nbytes <= step:
-            c = out[-1]
-            gap = r.local_offset - (c.local_offset + c.nbytes)
-            if (
-                0 <= gap < ALIGN
-                and r.remote_addr - (c.remote_addr + c.nbytes) == gap
-                and c.nbytes + gap + r.nbytes <= step
-            ):
-                c.nbytes += gap + r.nbytes
-                c.parts.append((r, r.nbytes))
-                continue
-        for s in range(0, r.nbytes, step):
-            n = min(step, r.nbytes - s)
-            out.append(_Chunk(r.local_offset + s, r.remote_addr + s, n, [(r, n)]))
-    return out
+    reads: list[ReadOp]
 
 
 @dataclass(slots=True)
 class _InFlight:
-    chunk: _Chunk
+    chunk: Request
     ticket: Ticket
     deadline: float
 
@@ -136,17 +121,21 @@ class _Run:
         self.checkpoint = checkpoint
         self.excluded = excluded
         self.report = PullReport(nbytes=sum(s.nbytes for s in specs))
-        self.queues: dict[str, deque[_Chunk]] = {}
+        self.queues: dict[str, deque[Request]] = {}
         self.inflight: dict[str, list[_InFlight]] = {}
         self.owner: dict[str, ReadOp] = {}  # tensor -> the read now responsible for it
         self.left: dict[str, int] = {}  # tensor -> chunks not yet landed
         self.got: dict[str, int] = {}  # tensor -> bytes landed from its current read
-        self.verifying: dict[str, Future] = {}
+        # tensor -> the batch verifying it (None: landed, waiting in ``ready`` for a verifier);
+        # a failing holder's tensors in here are not re-planned, their bytes are all in
+        self.verifying: dict[str, _Batch | None] = {}
+        self.ready: list[ReadOp] = []
+        self.busy = 0  # verifiers at work: batches in the pool
         self.disk_jobs: dict[str, Future] = {}
-        # (tensor, future) pairs the pool finished, appended by done callbacks: the loop reads
-        # only these, never scans every pending future (with thousands of tensors that scan
-        # held the GIL and starved the verifying threads: 1.5 GB/s for 2048 tensors on GPU)
-        self.finished: deque[tuple[str, Future]] = deque()
+        # (batch or tensor, future) pairs the pool finished, appended by done callbacks: the
+        # loop reads only these, never scans every pending future (with thousands of tensors
+        # that scan held the GIL and starved the verifying threads: 1.5 GB/s for 2048 tensors)
+        self.finished: deque[tuple[_Batch | str, Future]] = deque()
         self.done: set[str] = set()
         self.tainted: set[str] = set()
         self.replan: set[str] = set()
@@ -173,15 +162,14 @@ class _Run:
 
     def _enqueue(self, plan: TransferPlan) -> None:
         step = self.cfg.chunk_nbytes
+        by = self.report.bytes_by_holder
         for holder, reads in plan.by_holder().items():
+            by[holder] = by.get(holder, 0) + sum(r.nbytes for r in reads)
             for r in reads:
                 self.owner[r.name] = r
                 self.left[r.name] = 0
                 self.got[r.name] = 0
-                self.report.bytes_by_holder[holder] = (
-                    self.report.bytes_by_holder.get(holder, 0) + r.nbytes
-                )
-            chunks = _chunks(reads, step)
+            chunks = requests_of(reads, step)
             for c in chunks:
                 for r, _ in c.parts:
                     self.left[r.name] += 1
@@ -208,7 +196,7 @@ class _Run:
                         f"{self.cfg.pull_timeout_s:.0f} s ({len(self.done)} done). Raise "
                         "pull_timeout_s or check the holders' links."
                     )
-                moved = self._submit() + self._poll() + self._collect()
+                moved = self._submit() + self._poll() + self._collect() + self._dispatch()
                 if self.replan:
                     names, self.replan = sorted(self.replan), set()
                     self.report.replans += 1
@@ -265,7 +253,7 @@ class _Run:
                     break
         return n
 
-    def _landed(self, c: _Chunk) -> None:
+    def _landed(self, c: Request) -> None:
         for r, nbytes in c.parts:
             name = r.name
             if self.owner.get(name) is not r:
@@ -274,28 +262,56 @@ class _Run:
             self.got[name] += nbytes
             self.left[name] -= 1
             if self.left[name] == 0:
-                self.verifying[name] = self._watch(name, self.pool.submit(self._verify, r))
+                self.verifying[name] = None
+                self.ready.append(r)
         if self.p.progress:
             self.p.progress(self.landed, self.report.nbytes)
 
-    def _verify(self, r: ReadOp) -> str:
-        return checksum(self.p.arena.bytes_of(self.specs[r.name]))
+    def _dispatch(self) -> int:
+        """Give each idle verifier an equal share of the landed tensors, as one batch."""
+        n = 0
+        while self.ready and self.busy < self.cfg.verify_workers:
+            share = sum(r.nbytes for r in self.ready) / (self.cfg.verify_workers - self.busy)
+            take, nbytes = 0, 0
+            while take < len(self.ready) and (take == 0 or nbytes < share):
+                nbytes += self.ready[take].nbytes
+                take += 1
+            batch = _Batch(self.ready[:take])
+            del self.ready[:take]
+            for r in batch.reads:
+                self.verifying[r.name] = batch
+            self.busy += 1
+            self.report.batches += 1
+            self._watch(batch, self.pool.submit(self._verify, batch.reads))
+            n += 1
+        return n
+
+    def _verify(self, reads: list[ReadOp]) -> list[int]:
+        """The checksums of ``reads``' bytes in the arena (one computation, one read back)."""
+        offsets, sizes = [r.local_offset for r in reads], [r.nbytes for r in reads]
+        return range_checksums(self.p.arena.buffer, offsets, sizes).tolist()
 
     def _load_disk(self, d: DiskOp) -> None:
         self.checkpoint.load_into(self.p.arena, self.specs[d.name])
 
-    def _watch(self, name: str, fut: Future) -> Future:
-        fut.add_done_callback(lambda f: self.finished.append((name, f)))  # deque: thread-safe
+    def _watch(self, token: _Batch | str, fut: Future) -> Future:
+        fut.add_done_callback(lambda f: self.finished.append((token, f)))  # deque: thread-safe
         return fut
 
     def _collect(self) -> int:
         n = 0
         while self.finished:
-            name, fut = self.finished.popleft()
-            if self.verifying.get(name) is fut:
-                del self.verifying[name]
-                self._checked(name, fut.result())
-            elif self.disk_jobs.get(name) is fut:
+            token, fut = self.finished.popleft()
+            if isinstance(token, _Batch):
+                self.busy -= 1
+                for r, value in zip(token.reads, fut.result(), strict=True):
+                    if self.verifying.get(r.name) is token:
+                        del self.verifying[r.name]
+                        self._checked(r, value)
+                n += 1
+                continue
+            name = token
+            if self.disk_jobs.get(name) is fut:
                 del self.disk_jobs[name]
                 fut.result()  # CheckpointError propagates
                 self.report.from_disk.append(name)
@@ -308,22 +324,21 @@ class _Run:
             n += 1
         return n
 
-    def _checked(self, name: str, actual: str) -> None:
-        r = self.owner[name]
-        if actual == r.checksum:
-            self.done.add(name)
+    def _checked(self, r: ReadOp, actual: int) -> None:
+        if actual == parse_checksum(r.checksum):
+            self.done.add(r.name)
             return
         log.warning(
             "tensor %s from holder %s: checksum %s, manifest says %s; fetching it elsewhere",
-            name,
+            r.name,
             r.holder,
-            actual,
+            format_checksum(actual),
             r.checksum,
         )
-        self.report.corrupt.append((r.holder, name))
-        self.landed -= self.got[name]
-        self.owner.pop(name)
-        self.replan.add(name)
+        self.report.corrupt.append((r.holder, r.name))
+        self.landed -= self.got[r.name]
+        self.owner.pop(r.name)
+        self.replan.add(r.name)
 
     def _fail(self, holder: str, reason: str, hung: bool = False) -> None:
         """Exclude ``holder``; re-plan every tensor it has not delivered."""
@@ -341,13 +356,18 @@ class _Run:
                 self.replan.add(name)
 
     def _recheck_tainted(self) -> int:
-        """Verify again the tensors an abandoned request might still have written over."""
+        """Verify again the tensors an abandoned request might still have written over; one
+        that changed is fetched again, from the same holder if need be: its bytes passed once,
+        what changed them was the hung holder's late write."""
         names, self.tainted = sorted(self.tainted), set()
-        for name in names:
-            r = self.owner.get(name)
-            if r is not None and self._verify(r) != r.checksum:
-                self.done.discard(name)
-                self.report.corrupt.append((r.holder, name))
-                self.owner.pop(name)
-                self.replan.add(name)
+        reads = [self.owner[n] for n in names if n in self.owner]  # tensors from disk: no owner
+        self.report.batches += bool(reads)
+        for r, value in zip(reads, self._verify(reads) if reads else [], strict=True):
+            if value != parse_checksum(r.checksum):
+                log.warning("tensor %s changed after it was verified; fetching it again", r.name)
+                self.done.discard(r.name)
+                self.report.overwritten.append(r.name)
+                self.landed -= self.got[r.name]
+                self.owner.pop(r.name)
+                self.replan.add(r.name)
         return len(names)

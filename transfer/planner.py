@@ -10,7 +10,8 @@ one on the same host (so same-host holders are preferred, but not to the point o
 remote one idle).
 
 A tensor stays whole on one holder, so a checksum mismatch names one holder. The executor
-calls this again, with exclusions, whenever a holder dies, hangs, or sends bad bytes.
+calls this again, with exclusions, whenever a holder dies, hangs, or sends bad bytes, and cuts
+each holder's reads into its requests with :func:`requests_of`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from .arena import TensorSpec
+from .arena import ALIGN, TensorSpec
 from .errors import LayoutMismatch, NoSource
 from .manifest import Manifest
 
@@ -77,11 +78,49 @@ class TransferPlan:
         return out
 
 
+@dataclass(slots=True)
+class Request:
+    """One request of the executor: ``nbytes`` contiguous on both sides, covering ``parts``
+    (read, bytes): a piece of one large tensor, or several small tensors back to back."""
+
+    local_offset: int
+    remote_addr: int
+    nbytes: int
+    parts: list[tuple[ReadOp, int]]
+
+
+def requests_of(reads: list[ReadOp], step: int) -> list[Request]:
+    """Requests of at most ``step`` bytes; neighbours on both sides (gaps under ``ALIGN``
+    equal on both sides, which are padding) are coalesced, so an arena moves in a few large
+    requests instead of one per tensor."""
+    out: list[Request] = []
+    for r in sorted(reads, key=lambda r: r.local_offset):
+        if out and r.nbytes <= step:
+            c = out[-1]
+            gap = r.local_offset - (c.local_offset + c.nbytes)
+            if (
+                0 <= gap < ALIGN
+                and r.remote_addr - (c.remote_addr + c.nbytes) == gap
+                and c.nbytes + gap + r.nbytes <= step
+            ):
+                c.nbytes += gap + r.nbytes
+                c.parts.append((r, r.nbytes))
+                continue
+        for s in range(0, r.nbytes, step):
+            n = min(step, r.nbytes - s)
+            out.append(Request(r.local_offset + s, r.remote_addr + s, n, [(r, n)]))
+    return out
+
+
 def _check_layouts(targets: Sequence[TensorSpec], manifests: Sequence[Manifest]) -> None:
     for m in manifests:
+        entries = m.tensors
         for t in targets:
-            e = m.tensors.get(t.name)
-            if e is not None and not t.same_layout(e.spec(t.name)):
+            e = entries.get(t.name)
+            # fields compared in place: a pull checks every tensor of every holder
+            if e is not None and (
+                e.nbytes != t.nbytes or e.dtype != t.dtype or tuple(e.shape) != tuple(t.shape)
+            ):
                 raise LayoutMismatch(
                     f"holder {m.holder} has tensor {t.name!r} as {e.dtype}{list(e.shape)} "
                     f"({e.nbytes} bytes) but the local layout wants {t.dtype}{list(t.shape)} "
@@ -95,10 +134,20 @@ def _fair_shares(targets, usable: list[Manifest], weight: dict[str, float]) -> d
     share = {m.holder: 0.0 for m in usable}
     for t in targets:
         pool = [m for m in usable if t.name in m.tensors]
+        if len(pool) == 1:
+            share[pool[0].holder] += t.nbytes
+            continue
         total_w = sum(weight[m.holder] for m in pool)
         for m in pool:
             share[m.holder] += t.nbytes * weight[m.holder] / total_w
     return share
+
+
+def _fastest(holders: list[Manifest], nbytes: int, load, weight) -> Manifest:
+    """The holder that would finish ``nbytes`` more the earliest (ties: by name)."""
+    if len(holders) == 1:  # the common case, a replica: nothing to choose
+        return holders[0]
+    return min(holders, key=lambda m: ((load[m.holder] + nbytes) / weight[m.holder], m.holder))
 
 
 def plan_pull(
@@ -128,30 +177,25 @@ def plan_pull(
     share = _fair_shares(targets, usable, weight)
     reads, disk, missing = [], [], []
     on_disk = set(checkpoint)
+    # each holder's region addresses, looked up once (not once per tensor)
+    base = {m.holder: {r.name: r.addr for r in reversed(m.regions)} for m in usable}
     prev = None
     for t in sorted(targets, key=lambda s: (s.offset, s.name)):
         holders = [m for m in usable if t.name in m.tensors and (m.holder, t.name) not in bad]
         if holders:
-            best = min(
-                holders, key=lambda m: ((load[m.holder] + t.nbytes) / weight[m.holder], m.holder)
-            )
+            best = _fastest(holders, t.nbytes, load, weight)
             # stay with the previous holder while it is under its share: neighbours in the
             # arena then travel as one request (the executor coalesces them)
-            if prev in holders and load[prev.holder] + t.nbytes <= share[prev.holder]:
+            stay = prev is not None and any(m is prev for m in holders)
+            if stay and load[prev.holder] + t.nbytes <= share[prev.holder]:
                 best = prev
             prev = best
             load[best.holder] += t.nbytes
             tier = Tier.SAME_HOST if best.host_id == local_host else Tier.OTHER_HOST
+            entry = best.tensors[t.name]
+            addr = base[best.holder][entry.region] + entry.offset
             reads.append(
-                ReadOp(
-                    t.name,
-                    best.holder,
-                    t.offset,
-                    best.remote_addr(t.name),
-                    t.nbytes,
-                    best.tensors[t.name].checksum,
-                    tier,
-                )
+                ReadOp(t.name, best.holder, t.offset, addr, t.nbytes, entry.checksum, tier)
             )
         elif t.name in on_disk:
             disk.append(DiskOp(t.name, t.offset, t.nbytes))

@@ -70,3 +70,31 @@ def test_gpu_pull_survives_a_holder_killed_before_its_reads(holders, etcd, clust
     assert torch.equal(arena.buffer, original.buffer)
     arena.unregister()
     transport.close()
+
+
+@pytest.mark.gpu
+def test_gpu_pull_verifies_in_batches_and_fetches_a_corrupt_tensor_again_alone(
+    holders, etcd, cluster
+):
+    """Two holder processes on one GPU, cuda_ipc: one Triton launch and one host read per batch;
+    the rotten tensor inside a batch comes again from the other holder, alone."""
+    _need_gpus(1)
+    torch.cuda.set_device(0)
+    cfg = TransferConfig(protocol="cuda_ipc", host_id="gpuhost", verify_workers=1)
+    tensors = spec_tensors(2048, 256 << 10)  # 512 MiB in 256 KiB tensors
+    bad = tensors[100][0]  # inside holder 1's first run
+    a = holders.start("1", tensors, device="cuda:0", config=cfg, corrupt=(bad,))
+    b = holders.start("2", tensors, device="cuda:0", config=cfg)
+    holders.wait_ready(a, b)
+    transport = start_transport(cfg)
+    arena = Arena("experts", ArenaLayout.pack(tensors), "cuda:0")
+    arena.buffer.fill_(0xA5)
+    arena.register(transport)
+    report = Puller(transport, arena, cfg).pull(ManifestStore(etcd, cluster).live())
+    original = Arena("experts", ArenaLayout.pack(tensors), "cuda:0")
+    fill_arena(original)
+    assert torch.equal(arena.buffer, original.buffer)
+    assert report.corrupt == [("1", bad)]
+    assert report.batches < len(tensors) // 16  # batched, not one computation per tensor
+    arena.unregister()
+    transport.close()

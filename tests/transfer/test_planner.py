@@ -8,7 +8,7 @@ from eep.transfer.arena import ArenaLayout
 from eep.transfer.engine import Region
 from eep.transfer.errors import LayoutMismatch, NoSource
 from eep.transfer.manifest import Manifest, ManifestEntry
-from eep.transfer.planner import Tier, plan_pull
+from eep.transfer.planner import Tier, plan_pull, requests_of
 
 MiB = 1 << 20
 
@@ -101,12 +101,11 @@ def test_plans_are_deterministic_and_carry_the_holders_addresses_and_checksums()
 
 
 def test_full_replicas_get_contiguous_runs_that_the_executor_coalesces():
-    from eep.transfer.executor import _chunks
-
     lay = _layout(12)
     plan = plan_pull(lay.specs, [_manifest(h, lay) for h in "ab"], local_host="h0")
     for reads in plan.by_holder().values():
-        chunks = _chunks(reads, step=64 * MiB)
+        chunks = requests_of(reads, step=64 * MiB)
         assert len(chunks) == 1 and chunks[0].nbytes == 6 * MiB  # one request per holder
     big = plan_pull(lay.specs, [_manifest("a", lay)], local_host="h0")
-    assert [c.nbytes for c in _chunks(list(big.reads), step=5 * MiB)] == [5 * MiB, 5 * MiB, 2 * MiB]
+    sizes = [c.nbytes for c in requests_of(list(big.reads), step=5 * MiB)]
+    assert sizes == [5 * MiB, 5 * MiB, 2 * MiB]
