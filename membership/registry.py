@@ -346,7 +346,11 @@ class SlotRegistration:
                 epoch = state.view.epoch if state.view else 0
                 raise Excluded(f"slot {self.slot}: view {epoch} does not list incarnation {mine}")
             counter = self.client.get(inc_key)
-            if counter is None or parse_counter(counter.value, inc_key) != mine:
+            try:
+                current = parse_counter(counter.value, inc_key) if counter else None
+            except MalformedRecord as exc:  # garbage: nothing proves the slot is still ours
+                raise Excluded(f"slot {self.slot}: {exc}") from None
+            if current != mine:
                 raise Excluded(f"slot {self.slot}: a newer incarnation than {mine} registered")
             record = SlotRecord(**{**asdict(self.record), "lease_id": session.lease_id})
             res = self.client.txn(
