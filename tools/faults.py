@@ -7,8 +7,8 @@ incarnation, the re-queue counter of the slot moving) with generous timeouts, ne
 sleeping and reading once, and :func:`prove` fails the run when the fault missed the load:
 - requests were in flight on the slot at the fault;
 - at least one was re-queued off it (for a fault that takes the worker out);
-- tokens were delivered between the fault and the rejoin, or within 2 s of the fault when the
-  slot was back sooner (the survivors kept serving);
+- tokens were delivered between the fault and the rejoin, or within 2 s of the view that
+  excluded the slot when it was back sooner (the survivors kept serving);
 - at least one request was migrated with its KV, where the run covers migration.
 
 The processes a fault can hit: the slot's ``worker``, its ``supervisor`` (the worker dies
@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 TARGETS = ("worker", "supervisor", "agent")
-SERVED_WITHIN_S = 2.0  # prove(): tokens must flow this soon after a fault, rejoined or not
+SERVED_WITHIN_S = 2.0  # prove(): tokens must flow this soon after the exclusion, rejoined or not
 
 
 class FaultMissed(AssertionError):
@@ -249,9 +249,11 @@ def prove(fault: Fault, load, url: str, requeue: bool = True, migration: bool = 
     entry = slots_state(url)["slots"][fault.slot]
     fault.requeued = entry["requeued_from"] - fault.requeued_before
     fault.migrated = entry["migrated_to"] - fault.migrated_before
-    # the survivors' service: until the rejoin, and at least SERVED_WITHIN_S (a slot whose
-    # warm standby rejoins in a fraction of a second may be back before any token was due)
-    end = max(fault.rejoined_at or time.monotonic(), fault.at + SERVED_WITHIN_S)
+    # the survivors' service: until the rejoin, and at least SERVED_WITHIN_S past the view that
+    # excluded the slot (a slot whose warm standby rejoins a fraction of a second after that
+    # view may be back before the survivors had a token due)
+    excluded = fault.excluded_at or fault.at
+    end = max(fault.rejoined_at or time.monotonic(), excluded + SERVED_WITHIN_S)
     if load is not None:
         while not load.tokens_between(fault.at, end) and time.monotonic() < end:
             time.sleep(0.02)  # the window reaches past now: wait for a token, or its end
@@ -264,7 +266,7 @@ def prove(fault: Fault, load, url: str, requeue: bool = True, migration: bool = 
     if load is not None and fault.tokens_during < 1:
         missed.append(
             f"no token was delivered between the fault and the rejoin (or within "
-            f"{SERVED_WITHIN_S:g} s of the fault)"
+            f"{SERVED_WITHIN_S:g} s of the exclusion)"
         )
     if migration and fault.migrated < 1:
         missed.append(f"nothing was migrated onto the rejoined slot {fault.slot} with its KV")

@@ -42,6 +42,7 @@ def start_cluster(
     baseline: bool = False,
     cuda_graphs: bool = False,
     cluster_type: type[Cluster] = Cluster,
+    standby: bool = True,
 ) -> Cluster:
     cfg = RuntimeConfig.for_cluster(
         new_cluster_name("e2e"),
@@ -53,7 +54,9 @@ def start_cluster(
         ttl_s=2,
         cuda_graphs=cuda_graphs,
     )
-    opts = ClusterOptions(cfg, torchrun=torchrun, log_dir=str(tmp_path), baseline=baseline)
+    opts = ClusterOptions(
+        cfg, torchrun=torchrun, log_dir=str(tmp_path), baseline=baseline, standby=standby
+    )
     return cluster_type(opts).start(timeout_s=180)
 
 

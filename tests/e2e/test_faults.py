@@ -30,7 +30,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
-    c = start_cluster(tiny_model_dir, tmp_path_factory.mktemp("faults"), torchrun=False)
+    # the cold path: a killed worker's replacement starts from nothing, so a rejoin takes
+    # long enough for load to build up on the survivors and be moved back with its KV
+    # (tests/e2e/test_standby.py covers the warm standby; the other e2e modules run with it)
+    c = start_cluster(
+        tiny_model_dir, tmp_path_factory.mktemp("faults"), torchrun=False, standby=False
+    )
     yield c
     c.stop()
 
