@@ -266,7 +266,13 @@ class Supervisor:
         if the view still lists it. Meanwhile the worker serves on (its deadline is pushed
         while it moves). False: it is excluded, or the worker stopped, or we were stopped."""
         old = reg.session
+        seen, moved = old.progress(), time.monotonic()
         while not self.stop.is_set() and self.worker.poll() is None:
+            if (now := old.progress()) != seen:
+                seen, moved = now, time.monotonic()
+            elif time.monotonic() - moved > (old.config.stall_s or self.cfg.ttl_s):
+                log.warning("slot %d: the worker stopped moving; not re-attaching", self.cfg.slot)
+                return False  # a hang is fenced, outage or not
             self.status.set("fence_deadline", self._worker_deadline(old, outage=True))
             session = Session(
                 self.client, old.config, progress=old.progress, name=f"slot {self.cfg.slot}"
