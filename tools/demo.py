@@ -99,6 +99,8 @@ def _drive(cluster, args, tl: _Timeline, prompts, expected) -> int:
     tl.mark(
         f"serving at {cluster.url}: view {epoch0} members {list(cluster.watcher.latest.members)}"
     )
+    faults.wait_standbys(cluster)  # each slot's warm standby, the replacement of its worker
+    tl.mark("every slot has a warm standby worker")
     cluster.watcher.on_view = lambda v: tl.mark(
         f"view {v.epoch} committed: members {list(v.members)} ({v.reason})"
     )
