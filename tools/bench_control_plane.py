@@ -25,7 +25,6 @@ and how long until a request sent after the fault got its first token.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import sys
 import tempfile
 import time
 
+from .bench_stability import fence_lines
 from .common import add_cluster_arguments, new_cluster_name, runtime_config
 from .recovery_timeline import longest_gap, rates
 
@@ -72,15 +72,6 @@ def _cases(text: str) -> list[str]:
 
 def _seconds(case: str) -> float:
     return float(case.rsplit("-", 1)[1])
-
-
-def _fences(workdir: str) -> int:
-    n = 0
-    for path in glob.glob(os.path.join(workdir, "worker*.log")):
-        with open(path, errors="replace") as f:
-            text = f.read()
-        n += text.count("past the fence deadline") + text.count("excludes this incarnation")
-    return n
 
 
 def _inject(case: str, cluster, etcd_cluster) -> tuple[float, float, dict]:
@@ -177,7 +168,7 @@ def run_case(case: str, args, model: str, log_root: str) -> dict:
             view_changes=latest.epoch - epoch0,
             view_reasons=[v.reason for v in views if v.epoch > epoch0],
             restarts=sum(max(0, inc - 1) for _, inc in latest.incarnations),
-            fences=_fences(cluster.workdir),
+            fences=fence_lines(cluster.workdir),
             frontend_restarts=getattr(cluster, "restarts", {}).get("frontend", 0),
         )
         return result

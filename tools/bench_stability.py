@@ -33,14 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-stability.json", help="JSON results")
 
 
-def _count(cluster) -> dict:
-    """What betrays a false positive in a cluster that was never faulted."""
-    views = cluster.history()
+def fence_lines(workdir: str) -> int:
+    """Fence lines in the workers' logs under ``workdir``."""
     fences = 0
-    for path in glob.glob(os.path.join(cluster.workdir, "worker*.log")):
+    for path in glob.glob(os.path.join(workdir, "worker*.log")):
         with open(path, errors="replace") as f:
             text = f.read()
         fences += text.count("past the fence deadline") + text.count("excludes this incarnation")
+    return fences
+
+
+def _count(cluster) -> dict:
+    """What betrays a false positive in a cluster that was never faulted."""
+    views = cluster.history()
+    fences = fence_lines(cluster.workdir)
     latest = views[-1] if views else None
     return {
         "views": len(views),

@@ -55,11 +55,8 @@ def _standby_pid(cluster, slot: int, timeout_s: float = 120.0) -> int:
                         continue
             except OSError:
                 continue
-            logs = [n for n in os.listdir(cluster.workdir) if n.startswith(f"worker{slot}.standby")]
-            newest = max(logs, key=lambda n: int(n.rsplit("standby", 1)[1].split(".")[0]))
-            with open(os.path.join(cluster.workdir, newest), errors="replace") as f:
-                if "waiting to be promoted" in f.read():
-                    return pid
+            if faults.standby_waiting(cluster.workdir, slot):
+                return pid
         time.sleep(0.1)
     raise AssertionError(f"slot {slot} has no warm standby after {timeout_s} s")
 
