@@ -17,9 +17,12 @@ from typing import Any
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-FABRICS = ("shm", "symm", "nccl")
+FABRICS = ("shm", "symm", "nccl", "te")
 DEFAULT_SLOTS = 4
 DEFAULT_TTL_S = 3  # lease TTL, s
+# decode buckets that hold a captured CUDA graph at once (eep.engine.decode_graph): one per
+# (rows, context) power-of-two pair, so 16 covers e.g. 4 batch sizes x 4 context lengths
+DEFAULT_MAX_CUDA_GRAPHS = 16
 
 # the bounded wait on a peer in one expert exchange before the step is discarded, in seconds
 _EXCHANGE_TIMEOUT_S = {"cuda": 0.5, "cpu": 2.0}
@@ -81,6 +84,9 @@ class RuntimeConfig:
     # decode steps padded, replayed from CUDA graphs (symm on GPU); None: on with device
     # "cuda" (eep launch --no-cuda-graphs turns it off), off on "cpu"
     cuda_graphs: bool | None = None
+    # with cuda_graphs: decode buckets holding a captured graph at once, at most; capturing one
+    # more evicts the least recently replayed (eep.engine.decode_graph says what that frees)
+    max_cuda_graphs: int = DEFAULT_MAX_CUDA_GRAPHS
     # fault-injection hook, off (0) in service: a worker's first pull of its experts, once
     # planned, is held open this long before any byte moves, so `eep bench chaos` can kill
     # the rejoining worker or one of its sources mid-pull (the tiny model's pull takes ms)
@@ -174,10 +180,10 @@ class RuntimeConfig:
             _at_least_one("num_slots", num_slots)
             experts_per_slot = two_replica_experts_per_slot(num_experts, num_slots)
         fabric = fabric or default_fabric(device, baseline)
-        if (fabric, device) in (("symm", "cpu"), ("shm", "cuda")):
+        if (fabric, device) in (("symm", "cpu"), ("shm", "cuda"), ("te", "cuda")):
             raise ValueError(
                 f"RuntimeConfig.fabric {fabric!r} does not run on device {device!r}: shm is for "
-                "CPU processes, symm for GPUs."
+                "CPU processes (te: across hosts), symm for GPUs."
             )
         if fabric == "nccl" and not baseline:
             raise ValueError(
@@ -233,6 +239,7 @@ _AT_LEAST_ONE = (
     "max_num_seqs",
     "kv_blocks",
     "block_size",
+    "max_cuda_graphs",
 )
 
 

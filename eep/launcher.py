@@ -40,10 +40,12 @@ import time
 from dataclasses import dataclass, field
 
 from eep.auth import SecretError, create_secret, load_secret
+from eep.cluster_options import ClusterOptions
 from eep.config import RuntimeConfig
 from eep.fabrics.shm import remove_segments
 from eep.membership.commit import read_history
 from eep.membership.etcd import EtcdClient
+from eep.membership.host import ENV_HOST_ADDR, ENV_HOST_ID
 from eep.membership.keys import Keys
 from eep.membership.server import EtcdServer, free_port
 from eep.membership.watcher import ViewWatcher
@@ -78,29 +80,6 @@ def restart_delay(name: str, quick_exits: int, ttl_s: float) -> float:
 
 
 @dataclass
-class ClusterOptions:
-    runtime: RuntimeConfig
-    etcd: str | None = None  # None: start an embedded etcd
-    http_port: int = 0
-    host: str = "127.0.0.1"  # where the front-end's HTTP and rank ports listen
-    torchrun: bool = True
-    max_restarts: int = 3  # torchrun's restarts of a supervisor (baseline: of every slot)
-    log_dir: str | None = None
-    baseline: bool = False  # one torchrun over every slot: a failure restarts them all
-    coordinators: int = 2  # a leader and standbys (elected through a lease-bound key)
-    standby: bool = True  # each slot keeps a warm standby worker (never in baseline mode)
-
-    def __post_init__(self) -> None:
-        if self.coordinators < 1:
-            raise ValueError(f"coordinators must be >= 1, got {self.coordinators}.")
-        if self.baseline and not self.torchrun:
-            raise ValueError(
-                "baseline=True needs torchrun=True: the full-restart baseline is one torchrun "
-                "agent tearing down every slot; drop --no-torchrun or --baseline."
-            )
-
-
-@dataclass
 class Cluster:
     opts: ClusterOptions
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -116,6 +95,21 @@ class Cluster:
     def cfg(self) -> RuntimeConfig:
         return self.opts.runtime
 
+    @property
+    def local_slots(self) -> tuple[int, ...]:
+        """The slots this host runs."""
+        slots = self.opts.slots
+        return tuple(range(self.cfg.num_slots)) if slots is None else tuple(slots)
+
+    def _host_env(self) -> dict[str, str]:
+        """The identity every process of this host inherits (``eep.membership.host``)."""
+        env = {}
+        if self.opts.host_id:
+            env[ENV_HOST_ID] = self.opts.host_id
+        if self.opts.address:
+            env[ENV_HOST_ADDR] = self.opts.address
+        return env
+
     def start(self, timeout_s: float = 120.0) -> Cluster:
         self.workdir = self.opts.log_dir or tempfile.mkdtemp(prefix="eep-cluster-")
         os.makedirs(self.workdir, exist_ok=True)
@@ -124,13 +118,17 @@ class Cluster:
             self.etcd_server = EtcdServer(data_dir=os.path.join(self.workdir, "etcd")).start()
         self.endpoint = self.opts.etcd or self.etcd_server.endpoint
         self.client, self.keys = EtcdClient(self.endpoint), Keys(self.cfg.cluster)
+        if self.opts.join:
+            self._join()
+            return self
         if self.cfg.fabric == "nccl" and not self.cfg.fabric_store:
             # the nccl fabric's process group rendezvous at a TCP store that slot 0 hosts
             store = f"127.0.0.1:{free_port()}"
             self.opts.runtime = dataclasses.replace(self.cfg, fabric_store=store)
         self.client.delete(self.keys.prefix, prefix=True)  # a fresh cluster: no stale views
         self.client.put(self.keys.config, self.cfg.to_json())
-        remove_segments(self.cfg.cluster)
+        for slot in self.local_slots:
+            remove_segments(self.cfg.cluster, slot)
         self.watcher = ViewWatcher(self.client, self.keys).start()
         for i in range(self.opts.coordinators):
             # one leader, the rest standbys that win the election when it dies
@@ -162,16 +160,40 @@ class Cluster:
         if self.opts.baseline:
             self.start_baseline()
         else:
-            for slot in range(self.cfg.num_slots):
+            for slot in self.local_slots:
                 self.start_slot(slot)
         self.wait_ready(timeout_s)
         self._watch = threading.Thread(target=self._supervise, name="cluster-watch", daemon=True)
         self._watch.start()
         return self
 
+    def _join(self, timeout_s: float = 120.0) -> None:
+        """Join the cluster another host started: its runtime config from etcd (``--cluster``
+        names it), then this host's slots alone."""
+        kv = self.client.get(self.keys.config)
+        if kv is None:
+            raise LaunchError(
+                f"cluster {self.cfg.cluster}: no runtime config at {self.keys.config} in etcd "
+                f"{self.endpoint}; start the first host (without --join) before the others."
+            )
+        self.opts.runtime = RuntimeConfig.from_json(kv.value)
+        if self.cfg.secret_file and not os.path.exists(self.cfg.secret_file):
+            raise LaunchError(
+                f"cluster {self.cfg.cluster}: the cluster's secret {self.cfg.secret_file} is "
+                "not on this host: copy it there (mode 0600) before joining."
+            )
+        for slot in self.local_slots:
+            remove_segments(self.cfg.cluster, slot)
+        self.watcher = ViewWatcher(self.client, self.keys).start()
+        for slot in self.local_slots:
+            self.start_slot(slot)
+        self.wait_ready(timeout_s)
+
     def _make_secret(self) -> None:
         """The secret rank links prove they know: a fresh one in the workdir unless the runtime
         config names a file (which must then be readable by this user alone)."""
+        if self.opts.join:
+            return  # the first host made it; _join checks it is here
         if self.cfg.secret_file:
             try:
                 load_secret(self.cfg.secret_file)
@@ -198,6 +220,7 @@ class Cluster:
         # NCCL's and gloo's bootstrap and data sockets: the loopback interface, as everything
         # of this one-host cluster, unless the environment names another
         env = {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", **os.environ}
+        env.update(self._host_env())
         # appended to: a restarted process writes on after its predecessor's last words
         with open(os.path.join(self.workdir, f"{name}.log"), "ab") as out:
             self.procs[name] = subprocess.Popen(
@@ -260,7 +283,7 @@ class Cluster:
             str(self.opts.max_restarts),
             "--standalone",
             "--local-addr",
-            "127.0.0.1",
+            self.opts.address or "127.0.0.1",
             "--monitor-interval",
             "0.5",
             "-m",
@@ -283,10 +306,12 @@ class Cluster:
         self._spawn("slots", "eep.rank", *args, prefix=self._torchrun(self.cfg.num_slots))
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until every slot is in the view and the front-end answers."""
-        full = self.watcher.wait_for(lambda v: len(v.members) == self.cfg.num_slots, timeout_s)
+        """Until this host's slots are in the view and the front-end answers (the first host
+        of several: the first view waits for every slot, so for every host)."""
+        mine = set(self.local_slots)
+        full = self.watcher.wait_for(lambda v: mine <= set(v.members), timeout_s)
         if full is None:
-            self._fail(f"not every slot joined within {timeout_s} s")
+            self._fail(f"slots {sorted(mine)} did not all join within {timeout_s} s")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             kv = self.client.get(self.keys.frontend)
@@ -342,8 +367,8 @@ class Cluster:
                 proc.wait(timeout=10)
         if self.etcd_server is not None:
             self.etcd_server.stop()
-        remove_segments(self.cfg.cluster)
-        for slot in range(self.cfg.num_slots):
+        for slot in self.local_slots:
+            remove_segments(self.cfg.cluster, slot)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(status_path(self.cfg.cluster, slot))
 

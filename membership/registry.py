@@ -12,8 +12,8 @@ import enum
 import json
 import logging
 import os
-import socket
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,20 +26,13 @@ from .errors import (
     MalformedRecord,
     SlotTaken,
     check_int,
+    check_slots,
     check_type,
     clip,
     decode_object,
 )
-from .etcd import (
-    EtcdClient,
-    KeyValue,
-    cmp_create,
-    cmp_lease,
-    cmp_mod,
-    op_delete,
-    op_get,
-    op_put,
-)
+from .etcd import EtcdClient, KeyValue, cmp_create, cmp_lease, cmp_mod, op_delete, op_get, op_put
+from .host import this_host
 from .keys import Keys, parse_counter
 from .session import Session
 
@@ -62,8 +55,10 @@ class SlotRecord:
     state: SlotState
     endpoints: dict[str, Any] = field(default_factory=dict)
     registered_at: float = 0.0
-    # data-plane suspicion: "I need a view newer than this epoch" (0: nothing asked)
+    # data-plane suspicion: "I need a view newer than this epoch" (0: nothing asked), and the
+    # slots whose exchanges timed out in that epoch (sorted; JSON: a list; design.md 5.9)
     resync_epoch: int = 0
+    suspects: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         obj = asdict(self)
@@ -85,7 +80,8 @@ class SlotRecord:
         and a body that names another slot is malformed. With ``num_slots`` (the cluster's,
         where known) a slot outside ``[0, num_slots)`` is malformed. Fields this version does
         not know are ignored (a newer supervisor may add some); ``endpoints``,
-        ``registered_at`` and ``resync_epoch`` may be missing.
+        ``registered_at``, ``resync_epoch`` and ``suspects`` (sorted distinct slots, below
+        ``num_slots`` where known) may be missing.
         """
         obj = decode_object(raw, where, MalformedRecord)
         missing = _REQUIRED - obj.keys()
@@ -104,6 +100,7 @@ class SlotRecord:
         obj.setdefault("endpoints", {})
         obj.setdefault("registered_at", 0.0)
         obj.setdefault("resync_epoch", 0)
+        obj.setdefault("suspects", [])
         registered_at = check_type(obj, "registered_at", (int, float), where, MalformedRecord)
         if isinstance(registered_at, int) and abs(registered_at) > 2**53:
             raise MalformedRecord(f"{where}: registered_at {clip(registered_at)} is not a time.")
@@ -118,6 +115,7 @@ class SlotRecord:
             endpoints=check_type(obj, "endpoints", dict, where, MalformedRecord),
             registered_at=float(registered_at),
             resync_epoch=check_int(obj, "resync_epoch", where, MalformedRecord),
+            suspects=check_slots(obj, "suspects", where, MalformedRecord, num_slots),
         )
 
     @classmethod
@@ -282,7 +280,7 @@ class SlotRegistration:
             slot=self.slot,
             incarnation=incarnation,
             pid=os.getpid(),
-            host=socket.gethostname(),
+            host=this_host().host_id,
             device=self.device,
             lease_id=self.session.lease_id,
             state=state,
@@ -295,19 +293,24 @@ class SlotRegistration:
         state: SlotState | None = None,
         endpoints: dict[str, Any] | None = None,
         resync_epoch: int | None = None,
+        suspects: Iterable[int] | None = None,
     ) -> SlotRecord:
-        """Rewrite the record (state, endpoints, a resync request); raises
+        """Rewrite the record (state, endpoints, a resync request and the slots it suspects:
+        a new ``resync_epoch`` without ``suspects`` suspects no one); raises
         :class:`LeaseLost` once fenced."""
         assert self.record is not None, "register() first"
         self.session.check()
         if endpoints is not None:
             self.endpoints = dict(endpoints)
+        if suspects is None:
+            suspects = self.record.suspects if resync_epoch is None else ()
         record = SlotRecord(
             **{
                 **asdict(self.record),
                 "state": state or self.record.state,
                 "endpoints": self.endpoints,
                 "resync_epoch": self.record.resync_epoch if resync_epoch is None else resync_epoch,
+                "suspects": tuple(sorted(set(suspects))),
             }
         )
         key = self.keys.slot(self.slot)

@@ -74,7 +74,8 @@ _CLUSTER_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
             help="data plane: shm (elastic, CPU processes on one host; the CPU default), symm "
             "(elastic, the Triton kernels over CUDA IPC buffers; the GPU default) or nccl (the "
             "fixed-membership baseline's collectives, its GPU default; gloo on the CPU; only "
-            "with --baseline)",
+            "with --baseline) or te (elastic, CPU ranks on several hosts: shared memory within "
+            "a host, the Mooncake Transfer Engine's one-sided writes across hosts)",
         ),
     ),
     "ttl": (

@@ -61,6 +61,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "GPU)",
     )
     parser.add_argument("--log-dir", default=None, help="keep every process's log here")
+    hosts = parser.add_argument_group(
+        "several hosts",
+        "one `eep launch` per host against one etcd (3 members, one per host, recommended). "
+        "The first host starts the cluster: its runtime config, the coordinators, the "
+        "front-end and its own --host-slots. Every other host adds --join with the same --etcd "
+        "and --cluster and its own --host-slots; it reads the runtime config from etcd. Each "
+        "host gives --host-id and --address; the cluster's secret file must be at the same "
+        "path on every host. Use --fabric te (CPU) so peers on other hosts are reached "
+        "through the Mooncake Transfer Engine.",
+    )
+    hosts.add_argument(
+        "--host-slots",
+        default=None,
+        help="the slots this host runs, e.g. 0,1 (default: every slot)",
+    )
+    hosts.add_argument(
+        "--join",
+        action="store_true",
+        help="join the cluster another host started (needs --etcd and --cluster)",
+    )
+    hosts.add_argument(
+        "--host-id",
+        default="",
+        help="this host's name in the cluster (default: its hostname); `eep inspect` shows it",
+    )
+    hosts.add_argument(
+        "--address",
+        default="",
+        help="the address other hosts reach this host's ranks and front-end at (default "
+        "127.0.0.1: a one-host cluster; nothing listens beyond it unless given)",
+    )
 
 
 def tiny_model() -> str:
@@ -87,14 +118,10 @@ def runtime_config(args: argparse.Namespace, model_path: str):
         raise SystemExit(f"eep launch: {exc}") from None
 
 
-def run(args: argparse.Namespace) -> int:
-    from eep.launcher import Cluster, ClusterOptions, LaunchError
+def _options(args: argparse.Namespace, cfg, slots: tuple[int, ...] | None):
+    from eep.launcher import ClusterOptions
 
-    if args.baseline and args.no_torchrun:
-        raise SystemExit("--baseline runs every slot under one torchrun: drop --no-torchrun")
-    model_path = tiny_model() if args.tiny else args.model
-    cfg = runtime_config(args, model_path)
-    opts = ClusterOptions(
+    return ClusterOptions(
         cfg,
         etcd=args.etcd,
         http_port=args.port,
@@ -104,7 +131,35 @@ def run(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         coordinators=args.coordinators,
         standby=args.standby,
+        slots=slots,
+        join=args.join,
+        host_id=args.host_id,
+        address=args.address,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from eep.launcher import Cluster, LaunchError
+
+    if args.baseline and args.no_torchrun:
+        raise SystemExit("--baseline runs every slot under one torchrun: drop --no-torchrun")
+    if args.join and not (args.etcd and args.cluster):
+        raise SystemExit("eep launch: --join needs the cluster's --etcd and --cluster")
+    slots = None
+    if args.host_slots:
+        try:
+            slots = tuple(int(s) for s in args.host_slots.split(","))
+        except ValueError:
+            raise SystemExit(
+                f"eep launch: --host-slots {args.host_slots!r}: give slots as 0,1,2"
+            ) from None
+    model_path = tiny_model() if args.tiny else args.model
+    cfg = runtime_config(args, model_path)
+    try:
+        opts = _options(args, cfg, slots)
+    except ValueError as exc:
+        raise SystemExit(f"eep launch: {exc}") from None
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

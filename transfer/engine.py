@@ -222,6 +222,36 @@ class MooncakeTransport:
             )
         return Ticket(peer=peer, op=op, nbytes=nbytes, handle=batch_id)
 
+    def submit_many(
+        self,
+        op: Op,
+        peer: PeerRef,
+        local: Sequence[int],
+        remote: Sequence[int],
+        lengths: Sequence[int],
+    ) -> Ticket:
+        """Start several requests to one peer as one batch (``local[i]`` to or from
+        ``remote[i]``, ``lengths[i]`` bytes); poll the batch with :meth:`poll`."""
+        if not (len(local) == len(remote) == len(lengths)) or not lengths:
+            raise ValueError("local, remote and lengths must be equally long and not empty.")
+        self.check_reachable(peer)
+        fn = (
+            self._te.batch_transfer_async_read
+            if op is Op.READ
+            else (self._te.batch_transfer_async_write)
+        )
+        batch_id = fn(peer.session, list(local), list(remote), list(lengths))
+        if not batch_id:
+            self.forget(peer)
+            raise TransferFailed(
+                f"submit {op.value}",
+                peer.session,
+                -1,
+                f"{len(lengths)} requests, {sum(lengths)} bytes",
+                peer.holder,
+            )
+        return Ticket(peer=peer, op=op, nbytes=sum(lengths), handle=batch_id)
+
     def poll(self, ticket: Ticket) -> Poll:
         """``DONE``, ``PENDING`` or ``FAILED``; a finished ticket is never polled again."""
         if ticket.done:

@@ -93,7 +93,9 @@ class FabricMember:
     - ``view``: the ``DeviceView`` the kernels read, the engine's where captured graphs must
       see one set of tensors (``symm``; default: the fabric's own);
     - ``store_addr``: ``host:port`` of the TCP store slot 0 hosts for the process group
-      (``nccl``, unless the process is already in a group).
+      (``nccl``, unless the process is already in a group);
+    - ``transport``: the rank's started transfer engine and ``host_id`` this host's identity
+      (``te``, which writes to peers on other hosts through it; ``peer_info`` required there).
     """
 
     cluster: str
@@ -106,6 +108,8 @@ class FabricMember:
     peer_info: PeerInfo | None = None
     view: DeviceView | None = None
     store_addr: str | None = None
+    transport: Any = None
+    host_id: str = ""
 
 
 class Received(Protocol):

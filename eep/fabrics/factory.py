@@ -1,4 +1,5 @@
-"""One place that turns a fabric name into a fabric of one slot (``shm``, ``nccl``, ``symm``).
+"""One place that turns a fabric name into a fabric of one slot (``shm``, ``nccl``, ``symm``,
+``te``).
 
 Every fabric implements :class:`~eep.fabrics.base.Fabric`; this is the only place that asks
 which one it builds.
@@ -10,7 +11,7 @@ import torch
 
 from .base import Fabric, FabricConfig, FabricMember
 
-FABRICS = ("shm", "nccl", "symm")
+FABRICS = ("shm", "nccl", "symm", "te")
 
 
 def make_fabric(kind: str, cfg: FabricConfig, member: FabricMember) -> Fabric:
@@ -24,6 +25,9 @@ def make_fabric(kind: str, cfg: FabricConfig, member: FabricMember) -> Fabric:
       ``member.peer_info(slot, incarnation)`` (the runtime reads them from etcd) when a view
       names them; ``member.view`` is the ``DeviceView`` the kernels should read (the
       engine's, for captured graphs), else the fabric keeps its own.
+    - ``te``: CPU, across hosts: the ``shm`` protocol, with peers on other hosts (another
+      ``member.host_id`` in their export) written to through ``member.transport``, the rank's
+      Mooncake Transfer Engine; peers on this host through shared memory as in ``shm``.
     """
     device = torch.device(member.device)
     if kind == "shm":
@@ -59,5 +63,24 @@ def make_fabric(kind: str, cfg: FabricConfig, member: FabricMember) -> Fabric:
             peer_info=member.peer_info,
             device=device,
             elastic=member.elastic,
+        )
+    if kind == "te":
+        from .te import TeFabric
+
+        if device.type != "cpu":
+            raise ValueError(f"the te fabric runs on the CPU, not {device}; use symm on GPUs.")
+        if member.transport is None or member.peer_info is None:
+            raise ValueError("the te fabric needs the rank's transport and peer_info.")
+        return TeFabric(
+            member.cluster,
+            member.slot,
+            member.incarnation,
+            cfg,
+            member.transport,
+            member.host_id,
+            member.peer_info,
+            member.newest_epoch,
+            elastic=member.elastic,
+            on_wait=member.on_wait,
         )
     raise ValueError(f"unknown fabric {kind!r}; choose one of {FABRICS}.")

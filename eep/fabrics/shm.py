@@ -79,13 +79,16 @@ class _Mailbox:
 
     def __init__(self, buf: torch.Tensor, offset: int, cfg: FabricConfig, meta_cols: int):
         cap, elt = cfg.rows_per_sender, torch.empty((), dtype=cfg.dtype).element_size()
+        self.offset = offset  # from the segment's start: where a remote writer puts it
         self.flag = buf[offset : offset + 8].view(torch.int64)
         self.count = buf[offset + 8 : offset + 16].view(torch.int64)
         meta_at = offset + _HEADER
         meta_bytes = _aligned(cap * meta_cols * 4)
         self.meta = buf[meta_at : meta_at + cap * meta_cols * 4].view(torch.int32)
         self.meta = self.meta.view(cap, meta_cols)
+        self.meta_at = meta_at
         rows_at = meta_at + meta_bytes
+        self.rows_at = rows_at
         self.rows = buf[rows_at : rows_at + cap * cfg.hidden * elt].view(cfg.dtype)
         self.rows = self.rows.view(cap, cfg.hidden)
 
@@ -107,11 +110,14 @@ class _Segment:
     DISPATCH_META = 3  # token, top-k index, local expert
     COMBINE_META = 1  # the sender's flat t * K + k
 
+    @classmethod
+    def segment_nbytes(cls, cfg: FabricConfig) -> int:
+        d = _Mailbox.nbytes(cfg, cls.DISPATCH_META)
+        return cfg.num_slots * (d + _Mailbox.nbytes(cfg, cls.COMBINE_META))
+
     def __init__(self, path: str, cfg: FabricConfig, create: bool):
         self.path = path
-        d = _Mailbox.nbytes(cfg, self.DISPATCH_META)
-        c = _Mailbox.nbytes(cfg, self.COMBINE_META)
-        self.nbytes = cfg.num_slots * (d + c)
+        self.nbytes = self.segment_nbytes(cfg)
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
@@ -125,17 +131,23 @@ class _Segment:
             self._mmap = mmap.mmap(fd, self.nbytes)
         finally:
             os.close(fd)
-        buf = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self.dispatch = [
-            _Mailbox(buf, s * d, cfg, self.DISPATCH_META) for s in range(cfg.num_slots)
-        ]
+        self.buf = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self.dispatch, self.combine = self.lay_out(self.buf, cfg)
+
+    @classmethod
+    def lay_out(cls, buf: torch.Tensor, cfg: FabricConfig) -> tuple[list[_Mailbox], list[_Mailbox]]:
+        """The dispatch and combine mailboxes of every sender over ``buf`` (``[nbytes]``
+        uint8, :meth:`segment_nbytes` long)."""
+        d = _Mailbox.nbytes(cfg, cls.DISPATCH_META)
+        c = _Mailbox.nbytes(cfg, cls.COMBINE_META)
+        dispatch = [_Mailbox(buf, s * d, cfg, cls.DISPATCH_META) for s in range(cfg.num_slots)]
         base = cfg.num_slots * d
-        self.combine = [
-            _Mailbox(buf, base + s * c, cfg, self.COMBINE_META) for s in range(cfg.num_slots)
-        ]
+        combine = [_Mailbox(buf, base + s * c, cfg, cls.COMBINE_META) for s in range(cfg.num_slots)]
+        return dispatch, combine
 
     def close(self) -> None:
         self.dispatch = self.combine = []
+        self.buf = None
         try:
             self._mmap.close()
         except BufferError:  # a tensor view is still alive; the mapping goes with it
@@ -273,7 +285,8 @@ class ShmFabric(Fabric):
             t_k = flat[(phy >= 0) & (phy // eps == dest)]
             t, k = t_k // self.cfg.topk, t_k % self.cfg.topk
             meta = torch.stack([t, k, phy.view(-1)[t_k] % eps], dim=1).to(torch.int32)
-            self.peers[dest][1].dispatch[self.slot].post(meta, x[t].to(self.cfg.dtype), tag)
+            self._post(dest, False, meta, x[t].to(self.cfg.dtype), tag)
+        self._flush()
         boxes = {s: self.own.dispatch[s] for s in self.members}
         self._wait(boxes, tag)
         recv = self._collect(boxes, tag)
@@ -285,7 +298,8 @@ class ShmFabric(Fabric):
         tag = make_tag(self.epoch, handle.seq)
         for sender, (start, end, meta) in handle.recv.spans.items():
             flat = (meta[:, 0] * self.cfg.topk + meta[:, 1]).view(-1, 1)
-            self.peers[sender][1].combine[self.slot].post(flat, y[start:end], tag)
+            self._post(sender, True, flat, y[start:end], tag)
+        self._flush()
         boxes = {s: self.own.combine[s] for s in self.members}
         self._wait(boxes, tag)
         k, h = self.cfg.topk, self.cfg.hidden
@@ -296,6 +310,16 @@ class ShmFabric(Fabric):
         self._check_unchanged(boxes, tag)
         weights = handle.topk_weights.to(self.cfg.dtype).view(-1, k, 1)
         return (per_k.view(-1, k, h) * weights).sum(dim=1)
+
+    def _post(
+        self, dest: int, combine: bool, meta: torch.Tensor, rows: torch.Tensor, tag: int
+    ) -> None:
+        """Put ``rows`` (with their ``meta``) in this slot's mailbox at ``dest``, flag last."""
+        seg = self.peers[dest][1]
+        (seg.combine if combine else seg.dispatch)[self.slot].post(meta, rows, tag)
+
+    def _flush(self) -> None:
+        """After an exchange's posts: nothing here (every post is already in place)."""
 
     def _collect(self, boxes: dict[int, _Mailbox], tag: int) -> ShmRecv:
         xs, experts, spans, start = [], [], {}, 0

@@ -25,6 +25,7 @@ from eep.fabrics.base import Fabric, FabricConfig, FabricMember
 from eep.fabrics.factory import make_fabric
 from eep.membership.errors import MembershipError, decode_object
 from eep.membership.etcd import EtcdClient
+from eep.membership.host import this_host
 from eep.membership.keys import Keys
 from eep.model.config import ModelConfig
 from eep.placement import initial_placement
@@ -75,7 +76,12 @@ def build_rank(
         torch.cuda.set_device(device)  # NCCL and the IPC buffer use the current device
     model_cfg = ModelConfig.from_dir(cfg.model_path)
     placement = initial_placement(model_cfg.num_experts, cfg.num_slots, cfg.experts_per_slot)
-    transfer_cfg = TransferConfig(protocol="tcp" if cfg.device == "cpu" else "cuda_ipc")
+    host = this_host()  # where peers on other hosts reach this rank (eep launch --address)
+    transfer_cfg = TransferConfig(
+        protocol="tcp" if cfg.device == "cpu" else "cuda_ipc",
+        hostname=host.address,
+        host_id=host.host_id,
+    )
     transport = start_transport(transfer_cfg)
     manifests = ManifestStore(client, cfg.cluster, cfg.num_slots)
     kv_cfg = KVCacheConfig(
@@ -143,6 +149,8 @@ def build_rank(
             peer_info=peer_buffer,
             view=view_state.device_view,  # the engine's, so captured graphs read it
             store_addr=cfg.fabric_store or None,
+            transport=transport,
+            host_id=host.host_id,
         ),
     )
     engine = Engine(
@@ -167,7 +175,7 @@ def build_rank(
     fabric.warm_up(engine.warm_up)
     events.emit("warmed_up", slot=slot, incarnation=incarnation)
     export = fabric.export()
-    if export is not None:  # peers open this slot's buffers from it (symm)
+    if export is not None:  # peers open this slot's buffers from it (symm, te)
         client.put(
             keys.fabric(slot),
             json.dumps({"incarnation": incarnation, **export}),

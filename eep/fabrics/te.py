@@ -1,0 +1,250 @@
+"""The ``te`` fabric: the ``shm`` protocol across hosts, over the Mooncake Transfer Engine.
+
+Every slot keeps the ``shm`` fabric's segment (one dispatch and one combine mailbox per
+possible sender, flags tagged ``(epoch, seq)``) and registers it with the rank's transfer
+engine. A peer on the same host (same ``host_id``) maps the segment and writes into it as in
+``shm``; a peer on another host writes into it with the engine's one-sided writes (TCP here,
+RDMA where the hosts have NICs):
+
+1. the sender lays the rows out in its own *outbox*, a registered copy of one segment indexed
+   by destination instead of sender, exactly as they must land;
+2. it writes the count, the indices and the rows into the destination's mailbox, every remote
+   destination's writes in flight at once, and waits for them;
+3. only then it writes the flag (8 bytes), again for every remote destination at once.
+
+A write that completed has landed in the peer's memory, and the flag is written after the
+data completed, so a receiver that sees the tag reads whole data (the ``shm`` sequence lock
+still re-checks the flag after the copy). The receiver's side is the ``shm`` fabric's,
+unchanged: it polls the flags in its own segment, with the same bounded wait, newer-epoch and
+torn-read checks. ``peers_started`` works as in ``shm``, since remote writers also land there.
+
+A peer that does not answer (dead, partitioned, hung) costs a sender at most the exchange
+timeout: the writes are polled against that deadline and abandoned after it, and the peer's
+missing flag makes the wait report it as a suspect, as any missing sender. The engine's own
+first contact with a peer (its handshake) is probed with ``connect_timeout_s`` first
+(``MooncakeTransport.check_reachable``); a peer that failed is probed again at its next
+exchange, not every post.
+
+Peers are found through ``FabricMember.peer_info(slot, incarnation)``: this fabric's
+:meth:`export` (``host_id``, the engine's session, the segment's address), published under the
+slot's lease. An incarnation's export never changes, so it is cached once read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from eep.transfer.errors import TransferError
+from eep.transfer.transport import Op, PeerRef, Poll
+
+from .base import FabricConfig, PeerInfo
+from .shm import ShmFabric, _Mailbox, _Segment, segment_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Remote:
+    """A peer on another host: where its segment is and the writes queued for it."""
+
+    ref: PeerRef
+    base: int  # the address of its segment in its process
+    data: list[tuple[int, int, int]] = field(default_factory=list)  # (local, remote, nbytes)
+    flags: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class TeFabric(ShmFabric):
+    """Dispatch/combine of one slot across hosts (see the module docstring).
+
+    ``transport``: the rank's started ``MooncakeTransport`` (the one its weights and KV move
+    through); ``host_id``: this host's identity, compared with the peers' to pick the path.
+    """
+
+    def __init__(
+        self,
+        cluster: str,
+        slot: int,
+        incarnation: int,
+        cfg: FabricConfig,
+        transport,
+        host_id: str,
+        peer_info: PeerInfo,
+        newest_epoch: Callable[[], int] = lambda: 0,
+        elastic: bool = True,
+        on_wait: Callable[[], None] = lambda: None,
+    ):
+        super().__init__(cluster, slot, incarnation, cfg, newest_epoch, elastic, on_wait)
+        self.transport, self.host_id, self.peer_info = transport, host_id, peer_info
+        nbytes = _Segment.segment_nbytes(cfg)
+        self.outbox_buf = torch.zeros(nbytes, dtype=torch.uint8)
+        self.outbox = _Segment.lay_out(self.outbox_buf, cfg)
+        transport.register(self.own.buf.data_ptr(), nbytes, "cpu:0")
+        transport.register(self.outbox_buf.data_ptr(), nbytes, "cpu:0")
+        self.remotes: dict[int, _Remote] = {}  # slot -> peer on another host, this epoch
+        self._infos: dict[tuple[int, int], dict] = {}  # (slot, incarnation) -> its export
+        self.stats = {"remote_posts": 0, "abandoned": 0}
+
+    def export(self) -> dict:
+        return {
+            "host_id": self.host_id,
+            "session": self.transport.session,
+            "base": self.own.buf.data_ptr(),
+            "nbytes": self.own.nbytes,
+        }
+
+    # --- views -----------------------------------------------------------------------------
+
+    def apply_view(self, epoch: int, members: dict[int, int]) -> None:
+        """As ``shm``, except that a peer on another host is reached through the engine: its
+        segment is not mapped, its export is read instead."""
+        if self.slot not in members:
+            raise ValueError(f"slot {self.slot}: view {epoch} does not include this slot.")
+        local: dict[int, int] = {}
+        self.remotes = {}
+        for slot, inc in members.items():
+            info = None if slot == self.slot else self._info(slot, inc)
+            if info is not None and info.get("host_id") != self.host_id:
+                self.remotes[slot] = self._remote(slot, inc, info)
+            elif slot != self.slot:
+                local[slot] = inc
+        for slot in [s for s in self.peers if s != self.slot and self.peers[s][0] != local.get(s)]:
+            self.peers.pop(slot)[1].close()
+        for slot, inc in local.items():
+            if slot not in self.peers:
+                try:
+                    seg = _Segment(segment_path(self.cluster, slot, inc), self.cfg, create=False)
+                except FileNotFoundError:  # not on this host after all: it cannot be reached
+                    log.warning(
+                        "slot %d epoch %d: slot %d inc %d has neither an export nor a segment "
+                        "here; its exchanges will time out",
+                        self.slot,
+                        epoch,
+                        slot,
+                        inc,
+                    )
+                    continue
+                self.peers[slot] = (inc, seg)
+        self.epoch, self.seq, self.members = epoch, 0, tuple(sorted(members))
+        log.info(
+            "slot %d: te fabric serves epoch %d, local %s, remote %s",
+            self.slot,
+            epoch,
+            sorted(self.peers),
+            sorted(self.remotes),
+        )
+
+    def _info(self, slot: int, incarnation: int) -> dict | None:
+        key = (slot, incarnation)
+        if key not in self._infos:
+            info = self.peer_info(slot, incarnation)
+            if info is None:
+                return None
+            self._infos[key] = info
+        return self._infos[key]
+
+    def _remote(self, slot: int, incarnation: int, info: dict) -> _Remote:
+        ref = PeerRef(f"slot {slot} inc {incarnation}", info["session"], "tcp", info["host_id"])
+        return _Remote(ref, int(info["base"]))
+
+    def close(self, unlink: bool = True) -> None:
+        for buf in (self.own.buf, self.outbox_buf):
+            try:
+                self.transport.unregister(buf.data_ptr())
+            except Exception as exc:  # noqa: BLE001 (closing: log and go on)
+                log.warning("slot %d: unregistering the fabric: %s", self.slot, exc)
+        super().close(unlink)
+
+    # --- posting ---------------------------------------------------------------------------
+
+    def _post(
+        self, dest: int, combine: bool, meta: torch.Tensor, rows: torch.Tensor, tag: int
+    ) -> None:
+        remote = self.remotes.get(dest)
+        if remote is None:
+            if dest in self.peers:
+                super()._post(dest, combine, meta, rows, tag)
+            return  # neither mapped nor known: it cannot be reached; its wait suspects it
+        box: _Mailbox = self.outbox[1 if combine else 0][dest]  # staged as it must land
+        box.post(meta, rows, tag)
+        # where it lands: this slot's mailbox in the peer's segment (same layout as ours)
+        theirs: _Mailbox = (self.own.combine if combine else self.own.dispatch)[self.slot]
+        n, out, base = rows.shape[0], self.outbox_buf.data_ptr(), remote.base
+        remote.data.append((out + box.offset + 8, base + theirs.offset + 8, 8))  # the count
+        if n:
+            meta_nbytes = n * box.meta.shape[1] * box.meta.element_size()
+            rows_nbytes = n * box.rows.shape[1] * box.rows.element_size()
+            remote.data.append((out + box.meta_at, base + theirs.meta_at, meta_nbytes))
+            remote.data.append((out + box.rows_at, base + theirs.rows_at, rows_nbytes))
+        remote.flags.append((out + box.offset, base + theirs.offset, 8))  # the flag, last
+        self.stats["remote_posts"] += 1
+
+    def _flush(self) -> None:
+        """Every remote destination's data, then (once all of it landed) every flag."""
+        pending = [r for r in self.remotes.values() if r.flags]
+        if not pending:
+            return
+        deadline = time.monotonic() + self.cfg.exchange_timeout_s
+        landed = self._write_all(pending, "data", deadline)
+        self._write_all(landed, "flags", deadline)
+        for remote in pending:
+            remote.data, remote.flags = [], []
+
+    def _write_all(self, remotes: list[_Remote], what: str, deadline: float) -> list[_Remote]:
+        """Start ``what`` (``data`` or ``flags``) of every remote, poll until each landed or
+        the deadline; returns the remotes whose writes landed."""
+        tickets = []
+        for remote in remotes:
+            writes = getattr(remote, what)
+            try:
+                ticket = self.transport.submit_many(
+                    Op.WRITE, remote.ref, *(list(col) for col in zip(*writes, strict=True))
+                )
+            except TransferError as exc:
+                log.warning(
+                    "slot %d epoch %d: %s to %s not sent: %s",
+                    self.slot,
+                    self.epoch,
+                    what,
+                    remote.ref.holder,
+                    exc,
+                )
+                continue
+            tickets.append((remote, ticket))
+        landed, spins = [], 0
+        while tickets:
+            for remote, ticket in list(tickets):
+                state = self.transport.poll(ticket)
+                if state is Poll.PENDING:
+                    continue
+                tickets.remove((remote, ticket))
+                if state is Poll.DONE:
+                    landed.append(remote)
+                else:
+                    log.warning(
+                        "slot %d epoch %d: %s to %s failed",
+                        self.slot,
+                        self.epoch,
+                        what,
+                        remote.ref.holder,
+                    )
+            if not tickets or time.monotonic() > deadline:
+                break
+            self.on_wait()
+            spins += 1
+            time.sleep(0 if spins < 50 else 0.0002)
+        for remote, _ in tickets:  # never answered: its flag will be missing over there
+            self.stats["abandoned"] += 1
+            self.transport.forget(remote.ref)
+            log.warning(
+                "slot %d epoch %d: %s to %s abandoned after the exchange timeout",
+                self.slot,
+                self.epoch,
+                what,
+                remote.ref.holder,
+            )
+        return landed
