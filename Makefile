@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest -m "not gpu and not multigpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not multigpu and not multihost" $(PYTEST_ARGS)
 
 # on a GPU machine (its own torch; no venv): the packages of requirements/cuda13.txt first
 # (offline: `source .gpu-bundle/setup.sh`, a bundle of those pins; see README.md)

@@ -5,21 +5,41 @@ etcd. :meth:`cut` makes that path a partition for this process alone while every
 process still reaches etcd: open connections are closed, and new ones are accepted but
 never forwarded (a request times out, as across a dead link, instead of being refused).
 :meth:`heal` closes those held connections (a client reconnects) and forwards again.
+
+``netns``: the relay listens here (on loopback) but reaches its target from inside that
+network namespace (``ip netns`` name): how tests in the root namespace talk to the front-end
+and etcd of "hosts" that are namespaces with no route out (``eep.tools.netns``). The
+accepting thread enters the namespace before its first accept; the threads it starts, and
+the sockets they open to the target, are in that namespace too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import selectors
 import socket
 import threading
 
 log = logging.getLogger(__name__)
 
+_CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread (alone) into network namespace ``name``."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:  # os.setns is Python 3.12+
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
+
 
 class TcpRelay:
-    def __init__(self, target: str, host: str = "127.0.0.1"):
+    def __init__(self, target: str, host: str = "127.0.0.1", netns: str | None = None):
         tgt_host, _, tgt_port = target.rpartition(":")
         self.target = (tgt_host or "127.0.0.1", int(tgt_port))
         self._listener = socket.create_server((host, 0))
@@ -29,6 +49,7 @@ class TcpRelay:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()  # every socket of a live pair, and held ones
         self.held = 0  # connections accepted while cut (never forwarded)
+        self.netns = netns
         self._thread = threading.Thread(target=self._accept, name="relay", daemon=True)
 
     def start(self) -> TcpRelay:
@@ -63,6 +84,8 @@ class TcpRelay:
             sock.close()
 
     def _accept(self) -> None:
+        if self.netns:
+            enter_netns(self.netns)  # the listener stays where it was made
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()

@@ -1,0 +1,187 @@
+"""Ranks on several hosts (network namespaces on a bridge; design.md 5.9), under live load:
+
+- host 0 runs etcd, the coordinators, the front-end and slots 0 and 2; host 1 runs etcd and
+  slots 1 and 3; host 2 runs the third etcd member. Every expert has a replica on each of
+  hosts 0 and 1, tokens cross hosts through the ``te`` fabric, a rejoining rank pulls its
+  weights from the other host through the transfer engine;
+- a partitioned host (its link down), in ``make test``: its ranks are excluded, nothing they
+  compute after the exclusion reaches a client, they rejoin once the link is back;
+- with ``-m multihost`` the long set: a whole host killed and brought back, a host cut from
+  etcd alone, a host cut from its peers' data plane alone (suspicion), and 20 ms / 1% loss.
+
+Every request completes with the single-process result (``load_with_faults``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from eep.tools import faults, multihost_faults, netns
+from eep.tools.multihost import Layout, MultiHostCluster
+
+from .conftest import load_with_faults
+
+REASON = netns.available()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(REASON is not None, reason=f"no network namespaces here: {REASON}"),
+]
+
+LAYOUT = Layout({0: (0, 2), 1: (1, 3)})  # slots 0/1 and 2/3 hold the same experts
+VICTIM_HOST = 1
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    with netns.Hosts(3) as hosts:
+        c = MultiHostCluster(
+            hosts, tiny_model_dir, str(tmp_path_factory.mktemp("multihost")), LAYOUT
+        ).start()
+        try:
+            yield c
+        finally:
+            c.stop()
+
+
+def _all_back(cluster) -> None:
+    """Each test starts from every slot in the view (the previous one's rejoin waited)."""
+    view = cluster.watcher.wait_for(lambda v: len(v.members) == LAYOUT.num_slots, 120)
+    assert view is not None, "not every slot is in the view before the fault"
+
+
+def test_a_partitioned_host_is_excluded_emits_nothing_after_and_rejoins(cluster, tiny_model_dir):
+    _all_back(cluster)
+    hosts = cluster.hosts
+    seen = {}
+
+    def partition(load):
+        seen.update(
+            multihost_faults.host_fault(
+                cluster,
+                load,
+                VICTIM_HOST,
+                cut=lambda: hosts.link_down(VICTIM_HOST),
+                heal=lambda: hosts.link_up(VICTIM_HOST),
+                alive=True,  # cut off, not dead: its exclusion keeps its tokens out
+            )
+        )
+
+    try:
+        load_with_faults(cluster, tiny_model_dir, partition)
+    finally:
+        hosts.link_up(VICTIM_HOST)
+    assert seen["requeued"] >= 1 and seen["stale_accepted"] == 0
+    # the tokens crossed hosts: a rank of host 0 wrote to host 1 through the engine
+    assert _remote_peers_logged(cluster, 0)
+
+
+def _remote_peers_logged(cluster, slot: int) -> bool:
+    import glob
+
+    for path in glob.glob(f"{cluster.workdir}/worker{slot}.*.log"):
+        with open(path, errors="replace") as f:
+            if "remote [1, 3]" in f.read():
+                return True
+    return False
+
+
+@pytest.mark.multihost
+def test_a_killed_host_is_excluded_and_serves_again_once_brought_back(cluster, tiny_model_dir):
+    _all_back(cluster)
+    seen = {}
+
+    def kill(load):
+        seen.update(
+            multihost_faults.host_fault(
+                cluster,
+                load,
+                VICTIM_HOST,
+                cut=lambda: cluster.kill_host(VICTIM_HOST),
+                heal=lambda: cluster.restart_host(VICTIM_HOST),
+                alive=False,
+            )
+        )
+
+    load_with_faults(cluster, tiny_model_dir, kill)
+    assert seen["requeued"] >= 1
+
+
+@pytest.mark.multihost
+def test_a_host_cut_from_etcd_alone_is_excluded_and_rejoins(cluster, tiny_model_dir):
+    _all_back(cluster)
+    hosts = cluster.hosts
+    seen = {}
+
+    def cut(load):
+        seen.update(
+            multihost_faults.host_fault(
+                cluster,
+                load,
+                VICTIM_HOST,
+                cut=lambda: hosts.cut_ports(VICTIM_HOST, multihost_faults.ETCD_PORTS),
+                heal=lambda: hosts.heal_ports(VICTIM_HOST),
+                alive=True,  # its data plane is up: the epoch tags keep it out
+            )
+        )
+
+    try:
+        load_with_faults(cluster, tiny_model_dir, cut)
+    finally:
+        hosts.heal_ports(VICTIM_HOST)
+    assert seen["stale_accepted"] == 0
+
+
+@pytest.mark.multihost
+def test_a_host_cut_from_the_data_plane_alone_is_excluded_by_suspicion(cluster, tiny_model_dir):
+    _all_back(cluster)
+    hosts = cluster.hosts
+    keep = [*multihost_faults.ETCD_PORTS, *multihost_faults.frontend_ports(cluster)]
+    seen = {}
+
+    def cut(load):
+        seen.update(
+            multihost_faults.host_fault(
+                cluster,
+                load,
+                VICTIM_HOST,
+                cut=lambda: hosts.cut_all_but(VICTIM_HOST, keep),
+                heal=lambda: hosts.heal_all_but(VICTIM_HOST),
+                alive=False,  # it reaches etcd: it sees its exclusion and fences at once
+            )
+        )
+
+    try:
+        load_with_faults(cluster, tiny_model_dir, cut)
+    finally:
+        hosts.heal_all_but(VICTIM_HOST)
+    history = cluster.client.get(cluster.keys.view)
+    assert history is not None
+    # the stated bound (design.md 5.9): two suspicion rounds
+    bound = 2 * (2.0 + 2 + 1) + 2
+    assert seen["timeline_s"]["excluded"] <= bound, seen
+
+
+@pytest.mark.multihost
+@pytest.mark.skipif(netns.netem_available() is not None, reason="sch_netem is not available")
+def test_latency_and_loss_between_hosts_exclude_nobody(cluster, tiny_model_dir):
+    _all_back(cluster)
+    hosts = cluster.hosts
+    seen = {}
+
+    def shaped(load):
+        faults.wait_live_load(cluster.url, 1)
+        epoch = cluster.watcher.latest.epoch
+        hosts.netem(VICTIM_HOST, delay_ms=20, loss_pct=1)
+        try:
+            start = time.monotonic()
+            streamed = sum(len(s.times) for s in load.snapshot())
+            assert load.wait_tokens(streamed + 150, 180), "no tokens under latency and loss"
+            seen["shaped_tokens_per_s"] = 150 / (time.monotonic() - start)
+        finally:
+            hosts.clear_netem(VICTIM_HOST)
+        seen["epoch_moved"] = cluster.watcher.latest.epoch != epoch
+
+    load_with_faults(cluster, tiny_model_dir, shaped)
+    assert not seen["epoch_moved"], "20 ms and 1% loss made the coordinator change the view"
