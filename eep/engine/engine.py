@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eep.config import DEFAULT_MAX_CUDA_GRAPHS
 from eep.model.qwen3_moe import Qwen3MoeModel
 
 from .attention import BatchAttention
@@ -40,9 +41,11 @@ class Engine:
         kv_buffer: torch.Tensor | None = None,
         decode_graphs: bool = False,
         max_seqs: int = 256,
+        max_graphs: int = DEFAULT_MAX_CUDA_GRAPHS,
     ):
         """``decode_graphs``: run decode steps on static, padded buffers and, on a GPU with
-        a graph-safe MoE executor, replay them from CUDA graphs (``decode_graph``)."""
+        a graph-safe MoE executor, replay them from CUDA graphs (``decode_graph``), at most
+        ``max_graphs`` held at once (``RuntimeConfig.max_cuda_graphs``)."""
         cfg = model.config
         self.model = model
         device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
@@ -54,7 +57,9 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_tokens_per_step, max_seqs)
         self.moe: MoEExecutor = moe or LocalMoE()
         self.steps = 0
-        self.decode: DecodeRunner | None = DecodeRunner(self) if decode_graphs else None
+        self.decode: DecodeRunner | None = (
+            DecodeRunner(self, max_graphs=max_graphs) if decode_graphs else None
+        )
 
     def add(self, seq: Sequence) -> None:
         """Queue ``seq``; a ``ValueError`` if it could never fit this rank's KV cache (the

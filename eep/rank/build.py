@@ -162,6 +162,7 @@ def build_rank(
         kv_buffer=kv_arena.buffer,
         decode_graphs=cfg.cuda_graphs,
         max_seqs=cfg.max_num_seqs,
+        max_graphs=cfg.max_cuda_graphs,
     )
     if engine.decode is not None:
         log.info(

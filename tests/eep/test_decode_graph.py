@@ -41,6 +41,9 @@ def test_padded_decode_steps_give_the_plain_paths_tokens(tiny_dir):
     assert got == want
     runner = engine.decode
     assert runner is not None and not runner.capture and runner.captured == 0
+    mem = runner.graph_memory()  # nothing captured, so nothing held, evicted or measured
+    assert (mem.graphs, mem.captures, mem.evictions) == (0, 0, 0) and mem.cap == 16
+    assert (mem.reserved_bytes, mem.allocated_bytes) == (0, 0)
     rows = {r for r, _ in runner.buckets}
     contexts = {c for _, c in runner.buckets}
     assert rows >= {1, 2, 4} and contexts >= {64, 128}, runner.buckets.keys()

@@ -1,7 +1,9 @@
 """Decode steps replayed from CUDA graphs on one GPU (run on the lent GPU machine; skipped
 elsewhere): a one-slot ``symm`` fabric holds every expert, so the whole MoE layer is the
 graph-safe path. Replayed steps must give exactly the tokens of the same padded steps run
-eagerly, and the tokens of the plain (unpadded) path."""
+eagerly, and the tokens of the plain (unpadded) path; with the number of graphs capped
+(``max_graphs``), evicted buckets change nothing but the memory held (``graph_memory``, printed
+with ``pytest -s``)."""
 
 from __future__ import annotations
 
@@ -42,8 +44,17 @@ def _one_slot(tiny_dir):
     return model, fabric, view
 
 
-def _run(model, fabric, view, graphs: bool, capture: bool = True):
-    engine = Engine(model, 64, 8, 8, moe=FabricMoE(fabric, view), decode_graphs=graphs)
+@pytest.fixture(scope="module")
+def one_slot(tiny_dir):
+    model, fabric, view = _one_slot(tiny_dir)
+    yield model, fabric, view
+    fabric.close()
+
+
+def _run(model, fabric, view, graphs: bool, capture: bool = True, max_graphs: int = 16):
+    engine = Engine(
+        model, 64, 8, 8, moe=FabricMoE(fabric, view), decode_graphs=graphs, max_graphs=max_graphs
+    )
     if engine.decode is not None:
         engine.decode.capture = capture
     gen = torch.Generator().manual_seed(3)
@@ -53,12 +64,39 @@ def _run(model, fabric, view, graphs: bool, capture: bool = True):
     return engine.run_to_completion(), engine
 
 
-def test_replayed_decode_steps_equal_eager_ones(tiny_dir):
-    model, fabric, view = _one_slot(tiny_dir)
+def test_replayed_decode_steps_equal_eager_ones(one_slot):
+    model, fabric, view = one_slot
     replayed, engine = _run(model, fabric, view, graphs=True)
     assert engine.decode.capture and engine.decode.captured >= 3, engine.decode.buckets.keys()
+    mem = engine.decode.graph_memory()
+    print("uncapped", mem.as_dict())
+    assert mem.evictions == 0 and mem.graphs == mem.captures == engine.decode.captured
+    assert mem.reserved_bytes > 0 and mem.allocated_bytes > 0, mem
     eager, _ = _run(model, fabric, view, graphs=True, capture=False)
     assert replayed == eager
     plain, _ = _run(model, fabric, view, graphs=False)
     assert replayed == plain
-    fabric.close()
+
+
+@pytest.mark.parametrize("cap", [2, 1])
+def test_capped_graphs_evict_and_still_equal_eager_steps(one_slot, cap):
+    """A cap below the buckets the run crosses (>= 3): the least recently replayed graph is
+    evicted (reset, its bucket dropped) and the run still gives the eager steps' tokens. Cap 1
+    also checks the shared pool is never left without a graph at a capture (the allocator
+    asserts use_count > 0 when a capture reuses a pool), since the old graph goes only after
+    the new one is captured."""
+    model, fabric, view = one_slot
+    eager, _ = _run(model, fabric, view, graphs=True, capture=False)
+    capped, engine = _run(model, fabric, view, graphs=True, max_graphs=cap)
+    runner = engine.decode
+    mem = runner.graph_memory()
+    print(f"cap {cap}", mem.as_dict())
+    assert capped == eager
+    assert runner.capture and mem.cap == cap and mem.graphs == len(runner.graphs) <= cap, mem
+    assert mem.evictions >= 1 and mem.captures == mem.graphs + mem.evictions, mem
+    held = runner.graphs.keys()
+    assert set(held) == {k for k, b in runner.buckets.items() if b.graph is not None}
+    # the shared pool grew (its first capture takes fresh segments) and the graphs held now
+    # keep at least their outputs allocated in it
+    assert mem.reserved_bytes > 0, mem
+    assert mem.allocated_bytes >= sum(runner.buckets[k].logits.nbytes for k in held) > 0, mem
