@@ -36,6 +36,14 @@ _BENCHES: dict[str, tuple[str, str]] = {
         "bench_control_plane",
         "etcd stalls, etcd leader kill, front-end and coordinator kills: tokens/s timelines",
     ),
+    "placement": (
+        "bench_placement",
+        "planner at EP32-EP256 simulated: orphans and bytes moved vs failures and redundancy",
+    ),
+    "multihost": (
+        "bench_multihost",
+        "ranks on several hosts (namespaces): tokens/s vs one host, host faults' timelines",
+    ),
 }
 
 

@@ -129,3 +129,39 @@ def frontend_ports(cluster) -> list[int]:
 
 
 ETCD_PORTS = (ETCD_CLIENT_PORT, ETCD_PEER_PORT)  # on every host (eep.tools.netns)
+
+
+def drop_packets(hosts, host: int, pct: float) -> None:
+    """Drop ``pct`` % of ``host``'s packets on its link, both ways, at random (iptables'
+    ``statistic`` match; where the kernel has no ``sch_netem``, this is the loss it can make);
+    0 removes the rule."""
+    import subprocess
+
+    from .netns import IFACE
+
+    chain, ns = "EEP-LOSS", hosts.ns(host)
+
+    def ipt(*argv: str, check: bool = True) -> None:
+        cmd = ["ip", "netns", "exec", ns, "iptables", *argv]
+        subprocess.run(cmd, check=check, capture_output=True, timeout=30)
+
+    ipt("-N", chain, check=False)
+    ipt("-F", chain)
+    for hook, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
+        ipt("-D", hook, flag, IFACE, "-j", chain, check=False)
+    if pct <= 0:
+        return
+    ipt(
+        "-A",
+        chain,
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        f"{pct / 100}",
+        "-j",
+        "DROP",
+    )
+    for hook, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
+        ipt("-I", hook, flag, IFACE, "-j", chain)
