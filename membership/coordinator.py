@@ -5,7 +5,12 @@ change under ``slots/`` (after a short debounce that batches concurrent failures
 periodic tick, it compares the registered slots with the committed view and commits the next
 epoch when they differ:
 - a member whose record is gone, or whose record is a newer incarnation, leaves the view;
-- a slot registered ``ready`` outside the view (or as a newer incarnation) joins it.
+- a slot registered ``ready`` outside the view (or as a newer incarnation) joins it, unless it
+  is in quarantine after an exclusion by suspicion;
+- with no membership change, members that ask for a newer view (``resync_epoch``) get a plain
+  resync the first time, and in the view that resync produced, an exclusion by vote of the
+  slots they suspect (``suspicion``: the rule, its time bound, and the quarantine, which is
+  this leader's memory only: a failover forgets it, costing at most one more round).
 Every commit is fenced by the leader's election key, so a deposed leader cannot commit.
 
 After an etcd outage the leader waits ``outage_grace_s`` (from the last failure it saw)
@@ -44,6 +49,7 @@ from .etcd import EtcdClient, cmp_mod, op_delete
 from .keys import Keys
 from .registry import SlotRecord, SlotState, read_slots
 from .session import Session, SessionConfig
+from .suspicion import Action, Decision, Quarantine, SuspicionRounds
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,13 @@ class CoordinatorConfig:
     # how long after an etcd failure a vanished record is not yet a departure (None: TTL + 2 s,
     # time for every supervisor to see that etcd is back and re-attach)
     outage_grace_s: float | None = None
+    # data-plane suspicion (``suspicion``): a slot excluded by vote stays out this long,
+    # doubling per further exclusion up to the max, forgotten after reset_s in the views; a
+    # repeat round votes once every member asked, or collect_s after the first request
+    suspect_quarantine_s: float = 10.0
+    suspect_quarantine_max_s: float = 60.0
+    suspect_reset_s: float = 60.0
+    suspect_collect_s: float = 1.0
 
     @property
     def grace_s(self) -> float:
@@ -82,20 +95,13 @@ class CoordinatorConfig:
                 f"debounce {self.debounce_s} s must be >= 0 and <= max_debounce "
                 f"{self.max_debounce_s} s."
             )
-
-
-def resync_requests(current: View | None, records: dict[int, SlotRecord]) -> list[int]:
-    """Members that asked for a view newer than the committed one (data-plane suspicion that
-    no membership change has answered: a slow peer, not a dead one)."""
-    if current is None:
-        return []
-    return sorted(
-        s
-        for s in current.members
-        if s in records
-        and records[s].incarnation == current.incarnation(s)
-        and records[s].resync_epoch >= current.epoch
-    )
+        if not 0 <= self.suspect_quarantine_s <= self.suspect_quarantine_max_s:
+            raise ValueError(
+                f"suspect quarantine {self.suspect_quarantine_s} s must be >= 0 and <= its max "
+                f"{self.suspect_quarantine_max_s} s."
+            )
+        if self.suspect_reset_s < 0 or self.suspect_collect_s < 0:
+            raise ValueError("suspect_reset_s and suspect_collect_s must be >= 0.")
 
 
 def next_members(
@@ -138,6 +144,15 @@ class Coordinator:
         self._session: Session | None = None
         self._election: Election | None = None
         self._held: tuple[int, ...] = ()
+        self.suspicion = SuspicionRounds(
+            self.config.suspect_collect_s,
+            Quarantine(
+                self.config.suspect_quarantine_s,
+                self.config.suspect_quarantine_max_s,
+                self.config.suspect_reset_s,
+            ),
+        )
+        self._quarantined: set[tuple[int, int]] = set()  # (slot, incarnation) said held back
 
     def stop(self) -> None:
         self._stop.set()
@@ -274,18 +289,42 @@ class Coordinator:
             )
         self._held = tuple(held)
 
+    def _quarantine(self, members: dict[int, int], added: list[int], now: float) -> list[int]:
+        """``added`` less the slots in quarantine (dropped from ``members``), said once each."""
+        quarantine = self.suspicion.quarantine
+        for s in [s for s in added if quarantine.holds(s, members[s], now)]:
+            if (s, members[s]) not in self._quarantined:
+                self._quarantined.add((s, members[s]))
+                log.warning(
+                    "slot %d (incarnation %d) is ready but was excluded by suspicion; not "
+                    "admitted for another %.1f s",
+                    s,
+                    members[s],
+                    quarantine.left_s(s, now),
+                )
+            del members[s]
+        return [s for s in added if s in members]
+
     def reconcile(self, election: Election) -> int:
         """Commit the next view if the registrations call for one; returns the read revision."""
         records, revision = read_slots(self.client, self.keys, self.config.num_slots)
         hold = self._in_grace()
+        now = time.monotonic()
+        seen: list[View | None] = [None]  # the view the last decide() built on
+        chose: list[Decision | None] = [None]  # and its answer to resync requests (None: none)
 
         def decide(current: View | None) -> View | None:
             members, removed, added = next_members(current, records, hold_vanished=hold)
             if hold and current is not None:
                 self._say_held(sorted(s for s in current.members if s not in records))
-            resync = resync_requests(current, records)
-            if not removed and not added and not resync:
-                return None
+            added = self._quarantine(members, added, now)
+            seen[0], chose[0] = current, None
+            if not removed and not added:  # no membership change: answer resync requests
+                chose[0] = decision = self.suspicion.decide(current, records, now)
+                if decision.action in (Action.NONE, Action.WAIT):
+                    return None
+                for s in decision.exclude if decision.action is Action.EXCLUDE else ():
+                    del members[s]
             if current is None and len(members) < self.config.initial_members:
                 return None
             reason = "; ".join(
@@ -293,7 +332,7 @@ class Coordinator:
                 for part in (
                     f"removed {removed}" if removed else "",
                     f"added {added}" if added else "",
-                    f"resync asked by {resync}" if resync and not (removed or added) else "",
+                    chose[0].reason if chose[0] is not None else "",
                 )
                 if part
             )
@@ -317,4 +356,9 @@ class Coordinator:
                 list(result.view.members),
                 result.view.reason,
             )
+            excluded = self.suspicion.committed(seen[0], result.view, chose[0], now)
+            for s, period in excluded.items():
+                log.warning("slot %d excluded by suspicion; quarantined for %.0f s", s, period)
+        if result.view is not None:
+            self.suspicion.quarantine.observe(result.view.members, time.monotonic())
         return revision

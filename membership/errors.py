@@ -121,6 +121,25 @@ def check_type(
     return value
 
 
+def check_slots(
+    obj: dict[str, Any],
+    name: str,
+    where: str,
+    error: type[MembershipError],
+    num_slots: int | None = None,
+) -> tuple[int, ...]:
+    """``obj[name]`` as a tuple of slot numbers: a JSON list of integers in ``[0, INT64_MAX]``
+    (below ``num_slots`` where known), sorted and without duplicates."""
+    value = check_type(obj, name, list, where, error)
+    top = INT64_MAX if num_slots is None else num_slots - 1
+    for s in value:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= top:
+            raise error(f"{where}: {name} must be slot numbers in [0, {top}], got {clip(s)}.")
+    if any(a >= b for a, b in zip(value, value[1:], strict=False)):
+        raise error(f"{where}: {name} must be sorted and unique, got {clip(value)}.")
+    return tuple(value)
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 

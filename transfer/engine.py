@@ -78,12 +78,13 @@ class MooncakeTransport:
                 os.environ[key] = value
             else:
                 os.environ.pop(key, None)
-        if config.protocol == "tcp" and _is_loopback(config.hostname):
+        if config.protocol == "tcp" and (bind_to := _ipv4(config.hostname)):
             # Mooncake's TCP transport binds its ports to the wildcard address whatever it is
-            # told: keep them on the loopback interface, as everything of a one-host cluster
+            # told: keep them on the address peers are told (loopback on a one-host cluster,
+            # the host's own on several), so no other interface serves registered memory
             from .loopback import confine_binds
 
-            confine_binds("mooncake/engine.so", "mooncake/libasio.so")
+            confine_binds("mooncake/engine.so", "mooncake/libasio.so", address=bind_to)
         self = cls(config=config)
         te = TransferEngine()
         rc = te.initialize(
@@ -283,10 +284,13 @@ def start_transport(config: TransferConfig):
     return MooncakeTransport.start(config)
 
 
-def _is_loopback(host: str) -> bool:
+def _ipv4(host: str) -> str | None:
+    """``host`` as an IPv4 address (``localhost``: the loopback one), ``None`` if it is none."""
     import ipaddress
 
+    if host == "localhost":
+        return "127.0.0.1"
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return str(ipaddress.IPv4Address(host))
     except ValueError:
-        return host == "localhost"
+        return None

@@ -1,4 +1,4 @@
-"""Keep a native library's listening sockets on the loopback interface.
+"""Keep a native library's listening sockets on one address: loopback, or the host's own.
 
 The Mooncake Transfer Engine's TCP transport (the CPU ranks' transfer service) binds its
 handshake/RPC port and its data port to the wildcard address whatever address it is given
@@ -8,7 +8,8 @@ interfaces it must not listen there.
 
 :func:`confine_binds` redirects the library's own calls to ``bind``: its global offset table
 entry for ``bind`` (resolved by the dynamic linker at load) is pointed at a filter that turns a
-wildcard address (``0.0.0.0``, ``::``) into the loopback one (``127.0.0.1``, ``::ffff:127.0.0.1``)
+wildcard address (``0.0.0.0``, ``::``) into the loopback one (``127.0.0.1``, ``::ffff:127.0.0.1``),
+or into the host's address on a cluster of several hosts (the address its peers are given),
 and passes every other address through unchanged. Nothing else of the process is touched:
 Python's sockets and other libraries call ``bind`` through their own tables.
 """
@@ -16,6 +17,7 @@ Python's sockets and other libraries call ``bind`` through their own tables.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import mmap
 import struct
@@ -37,13 +39,16 @@ _libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
 _patched: dict[str, object] = {}  # library path -> the callback its table now points at
 
 
+_target = bytes((127, 0, 0, 1))  # the IPv4 address a wildcard bind becomes (one per process)
+
+
 def _loopback_bind(fd: int, addr: int, length: int) -> int:
     raw = bytearray(ctypes.string_at(addr, length))
     family = struct.unpack_from("=H", raw, 0)[0]
     if family == _AF_INET and length >= 8 and raw[4:8] == b"\0\0\0\0":
-        raw[4:8] = bytes((127, 0, 0, 1))
+        raw[4:8] = _target
     elif family == _AF_INET6 and length >= 24 and raw[8:24] == b"\0" * 16:
-        raw[8:24] = b"\0" * 10 + b"\xff\xff" + bytes((127, 0, 0, 1))
+        raw[8:24] = b"\0" * 10 + b"\xff\xff" + _target
     buf = ctypes.create_string_buffer(bytes(raw), length)
     rc = _libc.bind(fd, buf, length)
     errno = _libc.__errno_location()[0]  # bind's, before the interpreter runs anything else
@@ -90,10 +95,14 @@ def _loaded(suffix: str) -> tuple[int, str] | None:
     return None
 
 
-def confine_binds(*suffixes: str) -> list[str]:
+def confine_binds(*suffixes: str, address: str = "127.0.0.1") -> list[str]:
     """Point the ``bind`` entries of each loaded library named by ``suffixes`` (path endings,
-    e.g. ``"mooncake/engine.so"``) at the loopback filter; returns the libraries patched.
-    A library not loaded is a ``RuntimeError``: the caller loads it first."""
+    e.g. ``"mooncake/engine.so"``) at the filter, which turns a wildcard bind into one on
+    ``address`` (an IPv4 address of this host; the loopback one by default, the host's own
+    address on a cluster of several hosts); returns the libraries patched. A library not
+    loaded is a ``RuntimeError``: the caller loads it first. One address per process."""
+    global _target
+    _target = ipaddress.IPv4Address(address).packed
     done = []
     for suffix in suffixes:
         found = _loaded(suffix)
@@ -113,5 +122,5 @@ def confine_binds(*suffixes: str) -> list[str]:
             ctypes.c_void_p.from_address(slot).value = target
         _patched[path] = callback  # kept alive as long as the library may call it
         done.append(path)
-        log.debug("%s: bind confined to the loopback interface", path)
+        log.debug("%s: bind confined to %s", path, address)
     return done

@@ -241,9 +241,12 @@ class Supervisor:
             if ready and self.standby is not None:
                 # behind a ready worker only: a standby's start never competes with a recovery
                 self.standby.ensure(self._worker_args())
-            resync = self.status.get("resync_epoch")
-            if resync > resync_sent and self._try(reg.update, resync_epoch=resync):
-                resync_sent = resync
+            # a resync request and the slots it suspects, as one pair (status.resync_request)
+            asked = self.status.resync_request()
+            if asked and asked[0] > resync_sent:
+                epoch, suspects = asked
+                if self._try(reg.update, resync_epoch=epoch, suspects=suspects):
+                    resync_sent = epoch
             if time.monotonic() - turn > 0.5:
                 # the fence deadline the worker reads was not refreshed meanwhile
                 log.warning(

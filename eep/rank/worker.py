@@ -11,7 +11,8 @@ incarnation); everything else comes from ``/eep/<cluster>/config``. The loop:
    steps, with zero tokens if idle, because every exchange needs every live slot);
 4. a step whose exchange failed is discarded: wait for a newer view (a peer died: the
    supervisor's revoke or the lease expiry brings one), and if none comes within
-   TTL + 1 s, ask for one (the peer was slow, not dead); then re-run.
+   TTL + 1 s, ask for one (the peer was slow, not dead, or cut off), naming the slots whose
+   exchanges timed out in that epoch (the coordinator's suspicion vote); then re-run.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from eep.protocol import Abort, MigrateOut, Refused, Release, Submit
 from .build import build_rank
 from .link import FrontendChanged, FrontendLink
 from .migration import KvMigration
-from .status import StatusBlock, WorkerState
+from .status import SUSPECT_SLOTS, StatusBlock, WorkerState
 from .weights import materialised
 
 __all__ = ["EXIT_FENCED", "Worker", "main", "materialised"]
@@ -65,6 +66,7 @@ class Worker:
         self.events = EventLog.in_dir(log_dir, f"worker{slot}.{incarnation}")
         self.events.emit("worker_started", slot=slot, incarnation=incarnation)
         self.serving_epoch, self.discarded, self.degraded = 0, False, False
+        self.suspected: dict[int, set[int]] = {}  # epoch -> slots that timed out in it
         self.client, self.keys = EtcdClient(etcd), Keys(cluster)
         kv = self.client.get(self.keys.config)
         if kv is None:
@@ -141,6 +143,7 @@ class Worker:
                     suspects=list(exc.suspects),
                 )
                 self.discarded = True
+                self.suspect(exc.epoch, exc.suspects)
                 self.await_newer_view(exc.epoch)
                 continue
             if self.discarded:
@@ -198,6 +201,17 @@ class Worker:
         )
         log.info("%s: serving view %d members %s", self._ctx(), view.epoch, list(view.members))
 
+    def suspect(self, epoch: int, slots) -> None:
+        """Accumulate the slots whose exchanges timed out in ``epoch`` (older epochs are
+        forgotten: a resync request names the suspects of its own epoch only)."""
+        here = self.suspected.setdefault(epoch, set())
+        for old in [e for e in self.suspected if e < epoch]:
+            del self.suspected[old]
+        wide = [s for s in slots if not 0 <= s < SUSPECT_SLOTS]
+        if wide:
+            log.warning("%s: slots %s do not fit the suspects bitmap", self._ctx(), wide)
+        here.update(s for s in slots if 0 <= s < SUSPECT_SLOTS and s != self.slot)
+
     def await_newer_view(self, epoch: int) -> None:
         deadline = time.monotonic() + self.cfg.ttl_s + 1.0
         asked = False
@@ -207,10 +221,13 @@ class Worker:
             if latest is not None and latest.epoch > epoch:
                 return
             if not asked and time.monotonic() > deadline:
+                suspects = sorted(self.suspected.get(epoch, ()))
                 log.warning(
-                    "%s: no newer view after a failed exchange; asking for one", self._ctx()
+                    "%s: no newer view after a failed exchange; asking for one (suspects %s)",
+                    self._ctx(),
+                    suspects,
                 )
-                self.status.set("resync_epoch", epoch)
+                self.status.ask_resync(epoch, suspects)
                 asked = True
             time.sleep(0.005)
 

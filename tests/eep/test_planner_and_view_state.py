@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from eep.config import RuntimeConfig
-from eep.membership.coordinator import resync_requests
 from eep.membership.registry import SlotRecord, SlotState
+from eep.membership.suspicion import resync_requests
 from eep.membership.view import View
 from eep.placement import Placement
 from eep.planner import home_placement, next_placement

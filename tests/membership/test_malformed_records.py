@@ -67,6 +67,7 @@ RECORD_FIELDS = [
     "endpoints",
     "registered_at",
     "resync_epoch",
+    "suspects",
 ]
 VIEW_FIELDS = ["epoch", "members", "incarnations", "placement", "reason", "committed_at"]
 
@@ -84,6 +85,7 @@ def _good(n: int, lease: int = 7, **over) -> dict:
         "endpoints": {"pid": 4243},
         "registered_at": 1.5,
         "resync_epoch": 0,
+        "suspects": [0, 5],
         **over,
     }
 
@@ -123,6 +125,8 @@ def _check_record(rec: SlotRecord, obj: dict | None, key_slot: int, num_slots: i
     assert _is_int(rec.slot) and rec.slot == key_slot and rec.slot < num_slots
     assert _is_int(rec.incarnation, 1) and _is_int(rec.pid) and _is_int(rec.lease_id)
     assert _is_int(rec.resync_epoch)
+    assert type(rec.suspects) is tuple and all(_is_int(s) and s < num_slots for s in rec.suspects)
+    assert list(rec.suspects) == sorted(set(rec.suspects))
     assert type(rec.host) is str and type(rec.device) is str
     assert isinstance(rec.state, SlotState) and type(rec.endpoints) is dict
     assert type(rec.registered_at) is float and math.isfinite(rec.registered_at)
@@ -132,6 +136,7 @@ def _check_record(rec: SlotRecord, obj: dict | None, key_slot: int, num_slots: i
         assert obj["state"] == rec.state.value
         assert obj.get("endpoints", {}) == rec.endpoints
         assert obj.get("resync_epoch", 0) == rec.resync_epoch
+        assert obj.get("suspects", []) == list(rec.suspects)
 
 
 def _check_view(view: View, obj: dict | None) -> None:
@@ -255,9 +260,48 @@ def test_views_the_json_module_would_choke_on_or_coerce_are_typed_errors(raw, wo
 
 def test_unknown_fields_are_tolerated_and_missing_optional_ones_defaulted():
     obj = _good(3, colour="red")
-    del obj["endpoints"], obj["registered_at"], obj["resync_epoch"]
+    del obj["endpoints"], obj["registered_at"], obj["resync_epoch"], obj["suspects"]
     rec = SlotRecord.from_json(json.dumps(obj), key_slot=3)
     assert (rec.slot, rec.endpoints, rec.registered_at, rec.resync_epoch) == (3, {}, 0.0, 0)
+    assert rec.suspects == ()
+
+
+@pytest.mark.parametrize(
+    "suspects, words",
+    [
+        ([2, 1], "sorted and unique"),
+        ([1, 1], "sorted and unique"),
+        ([True], "slot numbers"),
+        (["1"], "slot numbers"),
+        ([1.0], "slot numbers"),
+        ([-1], "slot numbers in [0, 7]"),
+        ([8], "slot numbers in [0, 7]"),
+        ([[1]], "slot numbers"),
+        (3, "must be a list"),
+        (None, "must be a list"),
+        ({"1": 1}, "must be a list"),
+    ],
+)
+def test_garbage_suspects_make_the_record_malformed(suspects, words):
+    raw = json.dumps(_good(1, suspects=suspects))
+    with pytest.raises(MalformedRecord, match=re.escape(words)):
+        SlotRecord.from_json(raw, "/eep/c/slots/1", key_slot=1, num_slots=8)
+
+
+def test_suspects_round_trip_and_a_resync_request_replaces_them(etcd, cluster):
+    keys = Keys(cluster)
+    with Session(etcd) as session:
+        reg = SlotRegistration(etcd, keys, session, 2)
+        assert reg.register().suspects == ()
+        reg.update(resync_epoch=4, suspects=[5, 1, 5])
+        stored = SlotRecord.from_kv(etcd.get(keys.slot(2)), keys)
+        assert (stored.resync_epoch, stored.suspects) == (4, (1, 5))
+        assert json.loads(etcd.get(keys.slot(2)).value)["suspects"] == [1, 5]
+        reg.update(SlotState.READY)  # other fields: the request stays whole
+        assert SlotRecord.from_kv(etcd.get(keys.slot(2)), keys).suspects == (1, 5)
+        reg.update(resync_epoch=5)  # a new request names its own suspects, here none
+        stored = SlotRecord.from_kv(etcd.get(keys.slot(2)), keys)
+        assert (stored.resync_epoch, stored.suspects, stored.state) == (5, (), SlotState.READY)
 
 
 # --- commits and the history ------------------------------------------------------------------
@@ -430,6 +474,8 @@ def _bad_records(keys: Keys, lease: int) -> dict[str, tuple[bytes, int]]:
         keys.slot(16): (rec(16, registered_at="now"), lease),
         keys.slot(17): (rec(17, resync_epoch=-1), lease),
         keys.slot(18): (rec(18, host=None), lease),
+        keys.slot(22): (rec(22, suspects=[3, 1]), lease),
+        keys.slot(23): (rec(23, suspects=[NUM_SLOTS]), lease),
         keys.slot(19): (b"{not json", lease),
         keys.slot(20): (b"[" * 50_000, lease),
         keys.slot(21): (rec(21), 0),  # bound to no lease: would never expire
