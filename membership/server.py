@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import EtcdUnavailable
@@ -50,10 +51,13 @@ HEARTBEAT_MS, ELECTION_MS = 50, 500
 
 @dataclass
 class EtcdServer:
-    """One etcd member on 127.0.0.1. Use :meth:`start`, :meth:`stop`, :meth:`restart`.
+    """One etcd member, on 127.0.0.1 by default. Use :meth:`start`, :meth:`stop`, :meth:`restart`.
 
     Alone by default; a member of a cluster gets its ``name`` and ``initial_cluster`` (every
-    member's ``name=peer URL``, see :class:`EtcdCluster`)."""
+    member's ``name=peer URL``, see :class:`EtcdCluster`). A member on another host (a network
+    namespace, ``eep.tools.netns``) gets the ``host`` address it listens on and advertises, a
+    ``prefix`` its command runs under (``ip netns exec NS``, which execs etcd in place: the pid
+    stays etcd's) and ``net_call``, which runs the health probe in that host's network."""
 
     data_dir: str | None = None
     client_port: int = 0
@@ -61,16 +65,19 @@ class EtcdServer:
     log_path: str | None = None
     name: str = "eep"
     initial_cluster: str | None = None  # None: this member alone
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
+    net_call: Callable[[Callable[[], bool]], bool] | None = field(default=None, repr=False)
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _own_dir: bool = field(default=False, repr=False)
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def pid(self) -> int | None:
@@ -91,8 +98,9 @@ class EtcdServer:
         self.client_port = self.client_port or free_port()
         self.peer_port = self.peer_port or free_port()
         self.log_path = self.log_path or os.path.join(self.data_dir, "etcd.log")
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        client_url = f"http://{self.endpoint}"
         cmd = [
+            *self.prefix,
             find_etcd_binary(),
             f"--name={self.name}",
             f"--data-dir={os.path.join(self.data_dir, 'member-data')}",
@@ -113,23 +121,30 @@ class EtcdServer:
                 cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
             )
 
-    def wait_ready(self, timeout_s: float = 15.0) -> None:
-        """Wait until the member reports itself healthy (it has a leader and serves reads)."""
+    def healthy(self, timeout_s: float = 0.5) -> bool:
+        """Whether the member answers ``/health`` true (it has a leader and serves reads)."""
         import requests  # etcd's health endpoint; imported here so the module stays light
 
+        def probe() -> bool:
+            resp = requests.get(f"http://{self.endpoint}/health", timeout=timeout_s)
+            return resp.json().get("health") == "true"
+
+        try:
+            return bool(self.net_call(probe) if self.net_call else probe())
+        except (requests.RequestException, ValueError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        """Wait until the member reports itself healthy (it has a leader and serves reads)."""
         deadline = time.monotonic() + timeout_s
-        url = f"http://{self.endpoint}/health"
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise EtcdUnavailable(
                     f"etcd exited with code {self._proc.returncode} at start; see {self.log_path}"
                 )
-            try:
-                if requests.get(url, timeout=0.5).json().get("health") == "true":
-                    log.info("etcd %s up at %s (pid %d)", self.name, self.endpoint, self.pid)
-                    return
-            except (requests.RequestException, ValueError):
-                pass
+            if self.healthy():
+                log.info("etcd %s up at %s (pid %d)", self.name, self.endpoint, self.pid)
+                return
             time.sleep(0.05)
         self.stop()
         raise EtcdUnavailable(f"etcd did not become healthy in {timeout_s} s; see {self.log_path}")
@@ -173,14 +188,19 @@ class EtcdCluster:
     Faults by member index: :meth:`kill` (SIGKILL) and :meth:`restart` (same ports and data
     dir: it rejoins as itself and catches up from the leader), :meth:`pause` and
     :meth:`resume` (SIGSTOP/SIGCONT: a member that accepts connections but never answers).
+    ``members`` replaces the ``size`` members on 127.0.0.1 with the caller's (on other hosts:
+    ``eep.tools.netns``); their ``initial_cluster`` is set here.
     """
 
-    def __init__(self, size: int = 3, base_dir: str | None = None):
+    def __init__(
+        self, size: int = 3, base_dir: str | None = None, members: list[EtcdServer] | None = None
+    ):
+        size = len(members) if members else size
         if size < 1:
             raise ValueError(f"an etcd cluster needs at least 1 member, got {size}.")
         self._own_dir = base_dir is None
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="eep-etcd-cluster-")
-        self.members = [
+        self.members = members or [
             EtcdServer(
                 data_dir=os.path.join(self.base_dir, f"m{i}"),
                 client_port=free_port(),
@@ -247,8 +267,10 @@ class EtcdCluster:
         if self.members[idx].pid is None or idx in self.paused:
             return None
         url = f"http://{self.members[idx].endpoint}/v3/maintenance/status"
+        post = lambda: requests.post(url, json={}, timeout=timeout_s).json()
         try:
-            return requests.post(url, json={}, timeout=timeout_s).json()
+            net_call = self.members[idx].net_call
+            return net_call(post) if net_call else post()
         except (requests.RequestException, ValueError):
             return None
 

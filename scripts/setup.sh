@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
+# the multi-host harness (eep.tools.netns); these live in /usr/sbin, off a plain user's PATH
+sbin="$PATH:/usr/sbin:/sbin"
+PATH="$sbin" command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+PATH="$sbin" command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 ldconfig -p 2>/dev/null | grep -q 'libibverbs.so.1' || need_apt+=(libibverbs1)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"

@@ -75,6 +75,13 @@ def test_a_partitioned_host_is_excluded_emits_nothing_after_and_rejoins(cluster,
     assert seen["requeued"] >= 1 and seen["stale_accepted"] == 0
     # the tokens crossed hosts: a rank of host 0 wrote to host 1 through the engine
     assert _remote_peers_logged(cluster, 0)
+    # nothing of host 1 listens on a wildcard address: the transfer engine's ports too are on
+    # the host's address (transfer/loopback.py), the only one its peers are given
+    listening = hosts.run(VICTIM_HOST, ["ss", "-ltnH"]).stdout.splitlines()
+    local = [line.split()[3] for line in listening if line.strip()]
+    assert local and all(cluster.hosts.addr(VICTIM_HOST) in a or "127.0.0.1" in a for a in local), (
+        local
+    )
 
 
 def _remote_peers_logged(cluster, slot: int) -> bool:
