@@ -7,7 +7,8 @@ leader answers a member's request for epoch E (:class:`SuspicionRounds`):
 - the first time in E: a plain resync, a view with the same members (a slow peer gets another
   chance; the view resets every fabric's step counter);
 - if members ask again in the view that resync produced, with suspects both times: exclusion
-  by vote (:func:`exclude_by_vote`). It votes once every member whose record still names its
+  by host where every suspicion crosses hosts (:func:`exclude_hosts`), else by vote
+  (:func:`exclude_by_vote`). It votes once every member whose record still names its
   incarnation has asked, or ``collect_s`` after the first request of the round, whichever
   comes first, so a round's requests that arrive apart are counted together;
 - a request without suspects (the peer was in a newer epoch, or a mailbox was torn) is always
@@ -86,6 +87,45 @@ def exclude_by_vote(members: Iterable[int], reports: Mapping[int, Iterable[int]]
         for other in conflicts.pop(pick):
             conflicts[other].discard(pick)
         excluded.append(pick)
+    return excluded
+
+
+def exclude_hosts(
+    members: Iterable[int], reports: Mapping[int, Iterable[int]], host_of: Mapping[int, str]
+) -> list[int] | None:
+    """Exclusion by host, where every conflict is between slots of different hosts (a host cut
+    from its peers, the common case across hosts); ``None`` otherwise (then
+    :func:`exclude_by_vote` decides slot by slot).
+
+    Two hosts are in conflict when a slot of one suspects a slot of the other. Repeatedly
+    exclude the host in conflict with the most remaining hosts and drop its conflicts, until
+    none is left. Ties go to the host with fewer members, then to a host that does not hold the
+    lowest-numbered member: a host cut from two others goes, and of two hosts cut from each
+    other (a symmetric partition nobody can tell apart) the one with the lowest slot stays,
+    whichever side reported first. Returns every slot of the hosts excluded.
+    """
+    members = set(members)
+    if not members <= set(host_of):
+        return None
+    edges: set[frozenset[str]] = set()
+    for reporter, suspects in reports.items():
+        if reporter not in members:
+            continue
+        for s in suspects:
+            if s in members and s != reporter:
+                if host_of[s] == host_of[reporter]:
+                    return None  # a conflict inside a host: not a partition between hosts
+                edges.add(frozenset((host_of[s], host_of[reporter])))
+    slots_of: dict[str, set[int]] = {}
+    for s in members:
+        slots_of.setdefault(host_of[s], set()).add(s)
+    excluded: list[int] = []
+    while edges:
+        lowest_host = host_of[min(s for h in slots_of for s in slots_of[h])]
+        degree = {h: sum(h in e for e in edges) for h in slots_of}
+        pick = max(slots_of, key=lambda h: (degree[h], -len(slots_of[h]), h != lowest_host, h))
+        excluded.extend(sorted(slots_of.pop(pick)))
+        edges = {e for e in edges if pick not in e}
     return excluded
 
 
@@ -184,7 +224,9 @@ class SuspicionRounds:
                 reports[s] = suspects
         if not reports or current.epoch != self._resync_epoch:
             return Decision(Action.RESYNC, tuple(asked), reports)
-        exclude = tuple(exclude_by_vote(current.members, reports))
+        host_of = {s: records[s].host for s in members if s in records}
+        by_host = exclude_hosts(current.members, reports, host_of)
+        exclude = tuple(by_host if by_host is not None else exclude_by_vote(members, reports))
         live = {
             s for s in members if s in records and records[s].incarnation == current.incarnation(s)
         }

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .config import TransferConfig
@@ -126,31 +127,71 @@ class MooncakeTransport:
 
     # --- peers -----------------------------------------------------------------------------
 
-    def check_reachable(self, peer: PeerRef) -> None:
-        """Probe the peer once, bounded by ``connect_timeout_s``.
+    def check_reachable(
+        self,
+        peer: PeerRef,
+        on_wait: Callable[[], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Probe the peer once, bounded by ``connect_timeout_s`` (or ``timeout_s``, if
+        shorter); ``on_wait`` is called every 50 ms meanwhile (a rank's fabric keeps its
+        progress moving while it waits). Raises :class:`PeerUnreachable`.
 
         Needed because the engine's first contact with a peer (its metadata handshake) reads
         with a fixed 60 s socket timeout while holding the engine's lock: a peer that is alive
         but hung would stall every transfer of this process for a minute. The probe runs in a
         daemon thread that holds no engine lock; a hung peer leaves only that thread waiting.
         """
-        if peer.session in self._reachable:
-            return
-        result: list[int] = []
-        probe = threading.Thread(
-            target=lambda: result.append(self._te.send_probe(peer.session)),
-            name=f"eep-probe-{peer.holder}",
-            daemon=True,
-        )
-        probe.start()
-        probe.join(self.config.connect_timeout_s)
-        if not result or result[0] != 0:
-            what = (
-                f"answered the probe with code {result[0]}"
-                if result
-                else f"did not answer a probe within {self.config.connect_timeout_s:.1f} s"
+        failed = self.probe_many([peer], on_wait, timeout_s)
+        if failed:
+            raise failed[peer.session]
+
+    def probe_many(
+        self,
+        peers: Sequence[PeerRef],
+        on_wait: Callable[[], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, PeerUnreachable]:
+        """Probe every peer not known reachable, all at once (see :meth:`check_reachable`);
+        returns ``{session: error}`` of those that did not answer."""
+        limit = self.config.connect_timeout_s
+        limit = limit if timeout_s is None else max(0.0, min(limit, timeout_s))
+        results: dict[str, list[int]] = {}
+        threads = []
+        for peer in peers:
+            if peer.session in self._reachable or peer.session in results:
+                continue
+            out: list[int] = []
+            results[peer.session] = out
+            probe = threading.Thread(
+                target=lambda session=peer.session, out=out: out.append(
+                    self._te.send_probe(session)
+                ),
+                name=f"eep-probe-{peer.holder}",
+                daemon=True,
             )
-            raise PeerUnreachable(
+            probe.start()
+            threads.append(probe)
+        deadline = time.monotonic() + limit
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            next(t for t in threads if t.is_alive()).join(0.05)
+            if on_wait is not None:
+                on_wait()
+        failed = {}
+        for peer in peers:
+            out = results.get(peer.session)
+            if out is None:
+                continue
+            if out and out[0] == 0:
+                with self._lock:
+                    self._reachable.add(peer.session)
+                continue
+            what = (
+                f"answered the probe with code {out[0]}"
+                if out
+                else f"did not answer a probe within {limit:.1f} s"
+            )
+            failed[peer.session] = PeerUnreachable(
                 f"peer {peer.holder} at {peer.session} {what}: it has died, hangs, or its "
                 "manifest is stale. The executor re-plans around it; otherwise check the "
                 "holder process and the network between the two hosts.",
@@ -158,8 +199,7 @@ class MooncakeTransport:
                 peer=peer.session,
                 holder=peer.holder,
             )
-        with self._lock:
-            self._reachable.add(peer.session)
+        return failed
 
     def forget(self, peer: PeerRef) -> None:
         with self._lock:
@@ -230,12 +270,14 @@ class MooncakeTransport:
         local: Sequence[int],
         remote: Sequence[int],
         lengths: Sequence[int],
+        on_wait: Callable[[], None] | None = None,
     ) -> Ticket:
         """Start several requests to one peer as one batch (``local[i]`` to or from
-        ``remote[i]``, ``lengths[i]`` bytes); poll the batch with :meth:`poll`."""
+        ``remote[i]``, ``lengths[i]`` bytes); poll the batch with :meth:`poll`. ``on_wait``:
+        called while a first contact is probed (:meth:`check_reachable`)."""
         if not (len(local) == len(remote) == len(lengths)) or not lengths:
             raise ValueError("local, remote and lengths must be equally long and not empty.")
-        self.check_reachable(peer)
+        self.check_reachable(peer, on_wait)
         fn = (
             self._te.batch_transfer_async_read
             if op is Op.READ

@@ -205,6 +205,7 @@ class ShmFabric(Fabric):
         self.own = _Segment(segment_path(cluster, slot, incarnation), cfg, create=True)
         self.peers: dict[int, tuple[int, _Segment]] = {slot: (incarnation, self.own)}
         self.epoch, self.seq, self.members = 0, 0, ()
+        self._deadline = 0.0  # when the exchange under way gives up on a missing sender
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -277,6 +278,7 @@ class ShmFabric(Fabric):
                 f"{self.cfg.max_tokens}; the engine must chunk its steps."
             )
         self.seq += 1
+        self._deadline = time.monotonic() + self.cfg.exchange_timeout_s  # the whole exchange's
         tag = make_tag(self.epoch, self.seq)
         eps, num_tokens = self.cfg.experts_per_slot, x.shape[0]
         phy = topk_phy.long()
@@ -296,6 +298,7 @@ class ShmFabric(Fabric):
         """Send expert outputs ``y`` ``[N, H]`` (rows of ``handle.recv``) back to their
         senders; return this slot's weighted sum ``[T, H]`` over its top-k outputs."""
         tag = make_tag(self.epoch, handle.seq)
+        self._deadline = time.monotonic() + self.cfg.exchange_timeout_s
         for sender, (start, end, meta) in handle.recv.spans.items():
             flat = (meta[:, 0] * self.cfg.topk + meta[:, 1]).view(-1, 1)
             self._post(sender, True, flat, y[start:end], tag)
@@ -349,7 +352,7 @@ class ShmFabric(Fabric):
             self._wait_unchecked(boxes, tag)
             return
         pending = dict(boxes)
-        deadline = time.monotonic() + self.cfg.exchange_timeout_s
+        deadline = self._deadline  # set as the exchange began: posting counts against it
         spins = 0
         while True:
             for sender, box in list(pending.items()):

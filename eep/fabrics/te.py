@@ -21,9 +21,11 @@ torn-read checks. ``peers_started`` works as in ``shm``, since remote writers al
 A peer that does not answer (dead, partitioned, hung) costs a sender at most the exchange
 timeout: the writes are polled against that deadline and abandoned after it, and the peer's
 missing flag makes the wait report it as a suspect, as any missing sender. The engine's own
-first contact with a peer (its handshake) is probed with ``connect_timeout_s`` first
-(``MooncakeTransport.check_reachable``); a peer that failed is probed again at its next
-exchange, not every post.
+first contact with a peer (its handshake) is probed first, every new peer at once, within the
+same deadline, calling ``on_wait`` meanwhile so the rank's progress keeps moving
+(``MooncakeTransport.probe_many``); a peer that failed is probed again at its next exchange.
+The exchange timeout bounds the whole exchange, posting included (as in ``shm``, where posting
+takes no time).
 
 Peers are found through ``FabricMember.peer_info(slot, incarnation)``: this fabric's
 :meth:`export` (``host_id``, the engine's session, the segment's address), published under the
@@ -188,8 +190,14 @@ class TeFabric(ShmFabric):
         pending = [r for r in self.remotes.values() if r.flags]
         if not pending:
             return
-        deadline = time.monotonic() + self.cfg.exchange_timeout_s
-        landed = self._write_all(pending, "data", deadline)
+        deadline = self._deadline  # the exchange's: posting and waiting share it
+        unreachable = self.transport.probe_many(
+            [r.ref for r in pending], self.on_wait, deadline - time.monotonic()
+        )
+        for exc in unreachable.values():
+            log.warning("slot %d epoch %d: not sent: %s", self.slot, self.epoch, exc)
+        reachable = [r for r in pending if r.ref.session not in unreachable]
+        landed = self._write_all(reachable, "data", deadline)
         self._write_all(landed, "flags", deadline)
         for remote in pending:
             remote.data, remote.flags = [], []
@@ -201,8 +209,9 @@ class TeFabric(ShmFabric):
         for remote in remotes:
             writes = getattr(remote, what)
             try:
+                local, at, nbytes = (list(col) for col in zip(*writes, strict=True))
                 ticket = self.transport.submit_many(
-                    Op.WRITE, remote.ref, *(list(col) for col in zip(*writes, strict=True))
+                    Op.WRITE, remote.ref, local, at, nbytes, on_wait=self.on_wait
                 )
             except TransferError as exc:
                 log.warning(

@@ -207,3 +207,18 @@ def test_the_coordinator_config_checks_the_suspicion_settings():
         CoordinatorConfig(suspect_quarantine_s=90.0)
     with pytest.raises(ValueError, match="suspect_collect_s"):
         CoordinatorConfig(suspect_collect_s=-1.0)
+
+
+def test_a_host_cut_from_its_peers_is_excluded_whichever_side_reported():
+    from eep.membership.suspicion import exclude_hosts
+
+    host_of = {0: "a", 2: "a", 1: "b", 3: "b"}
+    # only a rank of the host that stays reported: the other host goes, not the reporter
+    assert exclude_hosts([0, 1, 2, 3], {2: [1, 3]}, host_of) == [1, 3]
+    # only the cut host's ranks reported: still the same host (the lowest slot's host stays)
+    assert exclude_hosts([0, 1, 2, 3], {1: [0, 2], 3: [0]}, host_of) == [1, 3]
+    # three hosts, the third cut from both others: it goes, even with fewer reports about it
+    host_of = {0: "a", 1: "b", 2: "c", 3: "a", 4: "b", 5: "c"}
+    assert exclude_hosts(range(6), {0: [2], 4: [5], 2: [0, 1, 3, 4]}, host_of) == [2, 5]
+    # a conflict inside one host is no partition between hosts: decided slot by slot
+    assert exclude_hosts([0, 1, 2, 3], {0: [3]}, {0: "a", 3: "a", 1: "b", 2: "b"}) is None
