@@ -56,7 +56,7 @@ class SlotRecord:
     endpoints: dict[str, Any] = field(default_factory=dict)
     registered_at: float = 0.0
     # data-plane suspicion: "I need a view newer than this epoch" (0: nothing asked), and the
-    # slots whose exchanges timed out in that epoch (sorted; JSON: a list; design.md 5.9)
+    # slots whose exchanges timed out in that epoch (sorted; JSON: a list; design.md 5.10)
     resync_epoch: int = 0
     suspects: tuple[int, ...] = ()
 

@@ -1,5 +1,5 @@
 """Data-plane suspicion: which members to exclude when their exchanges keep failing while every
-lease lives (a data-plane-only partition; design.md 5.9). Pure: no etcd, the clock passed in.
+lease lives (a data-plane-only partition; design.md 5.10). Pure: no etcd, the clock passed in.
 
 A worker whose exchange failed and saw no newer view within TTL + 1 s asks for one
 (``SlotRecord.resync_epoch``) and names the slots that did not arrive (``suspects``). The

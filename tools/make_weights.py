@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-_PRESETS = ("tiny", "qwen3-30b-a3b")
+_PRESETS = ("tiny", "mid", "qwen3-30b-a3b")
 _DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -38,6 +38,8 @@ def _config(args: argparse.Namespace):
 
     if args.config == "tiny":
         config = ModelConfig.tiny()
+    elif args.config == "mid":
+        config = ModelConfig.mid()
     elif args.config == "qwen3-30b-a3b":
         config = ModelConfig.qwen3_30b_a3b()
     else:

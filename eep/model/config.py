@@ -204,6 +204,30 @@ class ModelConfig:
         )
 
     @classmethod
+    def mid(cls) -> ModelConfig:
+        """A mid-size model for CPU benchmarks: 4 MoE layers of 64 experts (top 4), hidden 512,
+        ~110 M parameters (0.44 GB in fp32), about 200x the tiny one."""
+        return cls(
+            vocab_size=8192,
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+            moe_intermediate_size=256,
+            intermediate_size=1024,
+            num_experts=64,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=(),
+        )
+
+    @classmethod
     def qwen3_30b_a3b(cls) -> ModelConfig:
         """Qwen3-30B-A3B's shape (its published config.json)."""
         return cls(

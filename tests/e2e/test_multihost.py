@@ -163,7 +163,7 @@ def test_a_host_cut_from_the_data_plane_alone_is_excluded_by_suspicion(cluster, 
         load_with_faults(cluster, tiny_model_dir, cut)
     finally:
         hosts.heal_all_but(VICTIM_HOST)
-    # the stated bound (design.md 5.9): two rounds of (exchange timeout 2 s + TTL 2 s + 1 s),
+    # the stated bound (design.md 5.10): two rounds of (exchange timeout 2 s + TTL 2 s + 1 s),
     # two debounces of at most 0.5 s, and, where a member never asks, collect_s + resync_s
     bound = 2 * (2.0 + 2 + 1) + 2 * 0.5 + 1 + 1
     assert seen["timeline_s"]["excluded"] <= bound, seen
