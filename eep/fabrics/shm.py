@@ -41,7 +41,7 @@ from .base import ExchangeFailed, Fabric, FabricConfig, FailureReason, make_tag,
 log = logging.getLogger(__name__)
 
 _ALIGN = 64
-_HEADER = 64  # flag int64, count int64, padding
+_HEADER = 64  # flag int64, count int64, check int64 (te: the data's digest), padding
 _HANG_GUARD_S = 600.0  # checks off: only a wedged benchmark ever reaches this
 
 
@@ -82,6 +82,7 @@ class _Mailbox:
         self.offset = offset  # from the segment's start: where a remote writer puts it
         self.flag = buf[offset : offset + 8].view(torch.int64)
         self.count = buf[offset + 8 : offset + 16].view(torch.int64)
+        self.check = buf[offset + 16 : offset + 24].view(torch.int64)  # te: see digest()
         meta_at = offset + _HEADER
         meta_bytes = _aligned(cap * meta_cols * 4)
         self.meta = buf[meta_at : meta_at + cap * meta_cols * 4].view(torch.int32)
@@ -307,9 +308,9 @@ class ShmFabric(Fabric):
         self._wait(boxes, tag)
         k, h = self.cfg.topk, self.cfg.hidden
         per_k = torch.zeros(handle.num_tokens * k, h, dtype=self.cfg.dtype)
-        for box in boxes.values():
-            n = int(box.count[0])
-            per_k[box.meta[:n, 0].long()] = box.rows[:n]
+        for sender, box in boxes.items():
+            meta, rows = self._read(sender, box, tag)
+            per_k[meta[:, 0].long()] = rows
         self._check_unchanged(boxes, tag)
         weights = handle.topk_weights.to(self.cfg.dtype).view(-1, k, 1)
         return (per_k.view(-1, k, h) * weights).sum(dim=1)
@@ -324,12 +325,18 @@ class ShmFabric(Fabric):
     def _flush(self) -> None:
         """After an exchange's posts: nothing here (every post is already in place)."""
 
+    def _read(self, sender: int, box: _Mailbox, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of what ``sender`` put in ``box`` for ``tag``: ``meta`` ``[n, M]`` int32 and
+        ``rows`` ``[n, H]``. (The caller re-checks the flag after: a sequence lock.)"""
+        n = int(box.count[0])
+        return box.meta[:n].clone(), box.rows[:n].clone()
+
     def _collect(self, boxes: dict[int, _Mailbox], tag: int) -> ShmRecv:
         xs, experts, spans, start = [], [], {}, 0
         for sender, box in boxes.items():
-            n = int(box.count[0])
-            meta = box.meta[:n].clone()
-            xs.append(box.rows[:n].clone())
+            meta, rows = self._read(sender, box, tag)
+            n = rows.shape[0]
+            xs.append(rows)
             experts.append(meta[:, 2].long())
             spans[sender] = (start, start + n, meta)
             start += n

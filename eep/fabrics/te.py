@@ -12,11 +12,19 @@ RDMA where the hosts have NICs):
    destination's writes in flight at once, and waits for them;
 3. only then it writes the flag (8 bytes), again for every remote destination at once.
 
-A write that completed has landed in the peer's memory, and the flag is written after the
-data completed, so a receiver that sees the tag reads whole data (the ``shm`` sequence lock
-still re-checks the flag after the copy). The receiver's side is the ``shm`` fabric's,
-unchanged: it polls the flags in its own segment, with the same bounded wait, newer-epoch and
-torn-read checks. ``peers_started`` works as in ``shm``, since remote writers also land there.
+The flag is written only after the data's writes completed. That is not enough: the TCP
+transport reports a write complete once it is sent, and with packet loss the flag (a later,
+separate write) can overtake data still being retransmitted; a write abandoned at an
+exchange's deadline may also land later, over a newer exchange's data. So every remote post
+carries a digest of its tag, count, indices and rows (:func:`digest`, in the mailbox's
+``check`` word, written with the count). The receiver takes a remote sender's data only once
+its copy matches the digest, polling until it does or the exchange's deadline passes (then the
+exchange fails as ``TORN``). Without it, 1 % packet loss between hosts fed a stale count into
+the combine (an index out of range); with it, the loss costs time, never a token.
+
+The receiver's side is otherwise the ``shm`` fabric's: it polls the flags in its own segment,
+with the same bounded wait, newer-epoch and torn-read checks. ``peers_started`` works as in
+``shm``, since remote writers also land there.
 
 A peer that does not answer (dead, partitioned, hung) costs a sender at most the exchange
 timeout: the writes are polled against that deadline and abandoned after it, and the peer's
@@ -44,10 +52,19 @@ import torch
 from eep.transfer.errors import TransferError
 from eep.transfer.transport import Op, PeerRef, Poll
 
-from .base import FabricConfig, PeerInfo
+from .base import ExchangeFailed, FabricConfig, FailureReason, PeerInfo
 from .shm import ShmFabric, _Mailbox, _Segment, segment_path
 
 log = logging.getLogger(__name__)
+
+
+def digest(tag: int, meta: torch.Tensor, rows: torch.Tensor) -> int:
+    """A 63-bit digest of one post: its tag, ``meta`` ``[n, M]`` int32 and ``rows`` ``[n, H]``
+    (the bytes as int32 words, each weighted by its position; torch's int64 wraps)."""
+    words = [meta.reshape(-1).view(torch.int32), rows.contiguous().view(-1).view(torch.int32)]
+    flat = torch.cat(words).to(torch.int64)
+    weighted = int((flat * torch.arange(1, flat.numel() + 1, dtype=torch.int64)).sum())
+    return (tag * 1_000_003 + meta.shape[0] * 7_919 + weighted) & ((1 << 63) - 1)
 
 
 @dataclass
@@ -89,7 +106,7 @@ class TeFabric(ShmFabric):
         transport.register(self.outbox_buf.data_ptr(), nbytes, "cpu:0")
         self.remotes: dict[int, _Remote] = {}  # slot -> peer on another host, this epoch
         self._infos: dict[tuple[int, int], dict] = {}  # (slot, incarnation) -> its export
-        self.stats = {"remote_posts": 0, "abandoned": 0}
+        self.stats = {"remote_posts": 0, "abandoned": 0, "late_data": 0, "digest_mismatch": 0}
 
     def export(self) -> dict:
         return {
@@ -173,10 +190,13 @@ class TeFabric(ShmFabric):
             return  # neither mapped nor known: it cannot be reached; its wait suspects it
         box: _Mailbox = self.outbox[1 if combine else 0][dest]  # staged as it must land
         box.post(meta, rows, tag)
+        n = rows.shape[0]
+        box.check[0] = digest(tag, box.meta[:n], box.rows[:n])
         # where it lands: this slot's mailbox in the peer's segment (same layout as ours)
         theirs: _Mailbox = (self.own.combine if combine else self.own.dispatch)[self.slot]
-        n, out, base = rows.shape[0], self.outbox_buf.data_ptr(), remote.base
-        remote.data.append((out + box.offset + 8, base + theirs.offset + 8, 8))  # the count
+        out, base = self.outbox_buf.data_ptr(), remote.base
+        # the count and the digest, one 16-byte write
+        remote.data.append((out + box.offset + 8, base + theirs.offset + 8, 16))
         if n:
             meta_nbytes = n * box.meta.shape[1] * box.meta.element_size()
             rows_nbytes = n * box.rows.shape[1] * box.rows.element_size()
@@ -184,6 +204,28 @@ class TeFabric(ShmFabric):
             remote.data.append((out + box.rows_at, base + theirs.rows_at, rows_nbytes))
         remote.flags.append((out + box.offset, base + theirs.offset, 8))  # the flag, last
         self.stats["remote_posts"] += 1
+
+    def _read(self, sender: int, box: _Mailbox, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``shm``; a remote sender's copy is taken once it matches its digest (the digest
+        read first: data or digest still landing, or a late write, fail the match), polled
+        until the exchange's deadline."""
+        if sender not in self.remotes:
+            return super()._read(sender, box, tag)
+        spins = 0
+        while True:
+            check, n = int(box.check[0]), int(box.count[0])
+            if 0 <= n <= box.rows.shape[0]:
+                meta, rows = box.meta[:n].clone(), box.rows[:n].clone()
+                if digest(tag, meta, rows) == check:
+                    if spins:
+                        self.stats["late_data"] += 1
+                    return meta, rows
+            if time.monotonic() > self._deadline:
+                self.stats["digest_mismatch"] += 1
+                raise ExchangeFailed(FailureReason.TORN, self.epoch)
+            self.on_wait()
+            spins += 1
+            time.sleep(0 if spins < 20 else 0.0002)
 
     def _flush(self) -> None:
         """Every remote destination's data, then (once all of it landed) every flag."""

@@ -170,6 +170,29 @@ def test_a_host_cut_from_the_data_plane_alone_is_excluded_by_suspicion(cluster, 
 
 
 @pytest.mark.multihost
+def test_packet_loss_between_hosts_excludes_nobody(cluster, tiny_model_dir):
+    """1 % of host 1's packets dropped at random, both ways (iptables: this kernel has no
+    netem): TCP retransmits, late writes are caught by the te fabric's digests, no view
+    changes, and every request completes with the reference output."""
+    _all_back(cluster)
+    seen = {}
+
+    def lossy(load):
+        faults.wait_live_load(cluster.url, 1)
+        epoch = cluster.watcher.latest.epoch
+        multihost_faults.drop_packets(cluster.hosts, VICTIM_HOST, 1.0)
+        try:
+            streamed = sum(len(s.times) for s in load.snapshot())
+            assert load.wait_tokens(streamed + 150, 240), "no tokens under packet loss"
+        finally:
+            multihost_faults.drop_packets(cluster.hosts, VICTIM_HOST, 0.0)
+        seen["epoch_moved"] = cluster.watcher.latest.epoch != epoch
+
+    load_with_faults(cluster, tiny_model_dir, lossy)
+    assert not seen["epoch_moved"], "1 % loss made the coordinator change the view"
+
+
+@pytest.mark.multihost
 @pytest.mark.skipif(netns.netem_available() is not None, reason="sch_netem is not available")
 def test_latency_and_loss_between_hosts_exclude_nobody(cluster, tiny_model_dir):
     _all_back(cluster)

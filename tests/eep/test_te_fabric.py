@@ -94,3 +94,21 @@ def test_a_killed_remote_peer_is_suspected_and_the_next_view_exchanges_without_i
         assert kinds[5:7] == ["ok"] * 2, events
         for _, r, got in events[5:7]:
             assert torch.equal(torch.from_numpy(got), ref.reference(slot, r, (0, 1, 2)))
+
+
+def test_the_digest_of_a_post_changes_with_its_tag_count_indices_and_rows():
+    from eep.fabrics.te import digest
+
+    meta = torch.arange(12, dtype=torch.int32).view(4, 3)
+    rows = torch.randn(4, 8, dtype=torch.float64)
+    base = digest(7, meta, rows)
+    assert digest(7, meta.clone(), rows.clone()) == base
+    assert digest(8, meta, rows) != base  # a late write of an older exchange
+    assert digest(7, meta[:3], rows[:3]) != base  # a stale count
+    changed = rows.clone()
+    changed[2, 5] += 1e-12
+    assert digest(7, meta, changed) != base
+    swapped = meta.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert digest(7, swapped, rows) != base
+    assert 0 <= base < 1 << 63
