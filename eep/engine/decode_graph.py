@@ -40,9 +40,12 @@ where the next capture reuses them, plus the graph executable and the bucket's s
 the cap bounds the pool's growth, it does not shrink it. The pool must keep one live graph:
 capturing into a pool whose use count fell to 0 trips the allocator's ``use_count > 0``
 assert, so with a cap of 1 the old graph goes just after the new one is captured, not before.
-:meth:`DecodeRunner.graph_memory` measures it (:class:`GraphMemory`): ``memory_reserved`` and
-``memory_allocated`` deltas around each capture (allocations other threads make meanwhile,
-which ``thread_local`` capture lets run, count too).
+:meth:`DecodeRunner.graph_memory` measures it (:class:`GraphMemory`): the segments of the shared
+pool in the allocator's snapshot (``torch.cuda.memory_snapshot``, ``segment_pool_id``), their
+total size (what the pool reserves) and what is allocated in them (what the held graphs keep).
+Deltas of ``memory_allocated`` around each capture were tried first and are wrong: a previous
+step's output, freed while a capture runs, makes them negative (seen on an H100). Where the
+snapshot has no pool id (or no pool exists yet), the deltas are what is reported.
 """
 
 from __future__ import annotations
@@ -201,15 +204,32 @@ class DecodeRunner:
         return logits[: len(batch)]
 
     def graph_memory(self) -> GraphMemory:
-        """The graphs held now and the memory their captures took (the module docstring)."""
+        """The graphs held now and the memory of their pool (the module docstring)."""
+        pool = self._pool_bytes()
+        reserved, allocated = pool if pool is not None else (self._reserved, self._allocated)
         return GraphMemory(
             graphs=len(self.graphs),
             cap=self.graphs.cap,
             captures=self.captured,
             evictions=self.graphs.evictions,
-            reserved_bytes=self._reserved,
-            allocated_bytes=self._allocated,
+            reserved_bytes=reserved,
+            allocated_bytes=allocated,
         )
+
+    def _pool_bytes(self) -> tuple[int, int] | None:
+        """``(reserved, allocated)`` bytes of the shared pool's segments, from the allocator's
+        snapshot; ``None`` without a pool or where the snapshot names no pools."""
+        if self.pool is None or not torch.cuda.is_available():
+            return None
+        reserved = allocated = 0
+        for seg in torch.cuda.memory_snapshot():
+            pool_id = seg.get("segment_pool_id")
+            if pool_id is None:
+                return None
+            if tuple(pool_id) == tuple(self.pool):
+                reserved += seg["total_size"]
+                allocated += seg["allocated_size"]
+        return reserved, allocated
 
     # --- buckets ---------------------------------------------------------------------------
 
