@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 
@@ -56,15 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the JSON here (default: docs/results/<date>-cpu-multihost.json)",
     )
     parser.add_argument("--log-dir", default=None, help="keep the clusters' logs here")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _model(root: str) -> str:
@@ -146,6 +136,7 @@ def _cluster(hosts, model: str, root: str, name: str, layout: dict, fabric: str)
 
 def run(args: argparse.Namespace) -> int:
     from . import netns
+    from .recovery_report import provenance
 
     if reason := netns.available():
         raise SystemExit(f"eep bench multihost: network namespaces are not usable here: {reason}")
@@ -154,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     model = _model(root)
     out: dict = {
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "provenance": provenance(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.node()}",
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "layouts": {"single-host": SINGLE, "cross-host": CROSS},

@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from .recovery_report import provenance
+
 MiB = 1 << 20
 
 
@@ -335,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"ceiling ({ceiling_what}, {total_mib} MiB): {ceiling:.2f} GB/s", file=sys.stderr)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "provenance": provenance(),  # the commit, dirty paths, machine
+        "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "load_avg_start": os.getloadavg(),
         "recovery_shape": None if args.no_recovery else args.recovery_shape,
         "card": card,
@@ -382,14 +386,11 @@ def _print_table(args, result: dict, total_mib: int) -> None:
     head = f"{'protocol':<20}{'sources':>8}{'MiB':>6}{'s':>8}{'GB/s':>8}{'/ceiling':>9}"
     print(head + (f"{'raw':>8}{'recovery':>10}{'rec/bench':>10}" if not args.no_recovery else ""))
     for r in result["results"]:
+        rec = "{raw_gbps:>8.2f}{recovery_gbps:>10.2f}{recovery_over_bench:>10.2f}"
         print(
             f"{r['protocol']:<20}{r['sources']:>8}{r['nbytes'] // MiB:>6}{r['seconds']:>8.3f}"
             f"{r['gbps']:>8.2f}{r['ratio_to_ceiling']:>9.1%}"
-            + (
-                f"{r['raw_gbps']:>8.2f}{r['recovery_gbps']:>10.2f}{r['recovery_over_bench']:>10.2f}"
-                if "recovery_gbps" in r
-                else ""
-            )
+            + (rec.format(**r) if "recovery_gbps" in r else "")
         )
     if not args.no_recovery:
         print(f"recovery: ExpertArena.fill, experts {args.recovery_shape} (hidden,moe_inter), the")

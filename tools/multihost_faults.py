@@ -12,7 +12,9 @@ While the host is out:
 - once the front-end serves the excluding view, it accepts no token of the host's ranks
   (their counts stay frozen while the survivors stream on) and ``stale_accepted`` stays 0;
 - with ``alive``: the host's workers are still alive (excluded, not dead), so the run shows
-  that their exclusion, not their death, kept their output away from clients.
+  that their exclusion, not their death, kept their output away from clients;
+- with ``migration``: after the rejoin, a request moves onto the host with its KV (the KV
+  crosses hosts through the transfer engine, verified like any pull).
 
 The timeline (seconds from the cut) and the invariants come back as a dict, for the tests and
 for ``eep bench multihost``.
@@ -55,6 +57,7 @@ def host_fault(
     heal: Callable[[], None],
     *,
     alive: bool,
+    migration: bool = False,
     exclude_timeout_s: float = 90.0,
     rejoin_timeout_s: float = 240.0,
 ) -> dict:
@@ -65,6 +68,7 @@ def host_fault(
     pids = {s: cluster.wait_worker_pid(s) for s in victims}
     in_flight = sum(state["slots"][s]["in_flight"] for s in victims)
     requeued_before = sum(state["slots"][s]["requeued_from"] for s in victims)
+    migrated_before = sum(state["slots"][s]["migrated_to"] for s in victims)
     cut_at = time.monotonic()
     cut()
     excluded = cluster.watcher.wait_for(
@@ -102,6 +106,7 @@ def host_fault(
     if back is None:
         raise FaultMissed(f"host {host}'s slots did not rejoin within {rejoin_timeout_s} s")
     rejoined_at = time.monotonic()
+    migrated = _wait_migrated(cluster.url, victims, migrated_before) if migration else None
     resumed = _first_token_after(load, excluded_at)
     return {
         "host": host,
@@ -110,6 +115,7 @@ def host_fault(
         "requeued": requeued,
         "victim_tokens_frozen": frozen,
         "stale_accepted": after["stale_accepted"],
+        "migrated_with_kv": migrated,
         "excluded_epoch": excluded.epoch,
         "rejoined_epoch": back.epoch,
         "timeline_s": {
@@ -120,6 +126,19 @@ def host_fault(
             "rejoined_after_heal": round(rejoined_at - heal_at, 3),
         },
     }
+
+
+def _wait_migrated(url: str, victims, before: int, timeout_s: float = 90.0) -> int:
+    """Until a request moved onto a rejoined slot of the host with its KV (pulled across
+    hosts through the transfer engine); returns how many."""
+    deadline = time.monotonic() + timeout_s
+    while (
+        moved := sum(faults.slots_state(url)["slots"][s]["migrated_to"] for s in victims)
+    ) <= before:
+        if time.monotonic() > deadline:
+            raise FaultMissed(f"no request moved onto slots {victims} with its KV after the rejoin")
+        time.sleep(0.05)
+    return moved - before
 
 
 def frontend_ports(cluster) -> list[int]:
