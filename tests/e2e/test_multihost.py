@@ -65,6 +65,7 @@ def test_a_partitioned_host_is_excluded_emits_nothing_after_and_rejoins(cluster,
                 cut=lambda: hosts.link_down(VICTIM_HOST),
                 heal=lambda: hosts.link_up(VICTIM_HOST),
                 alive=True,  # cut off, not dead: its exclusion keeps its tokens out
+                migration=True,  # then load moves back onto it, KV pulled across hosts
             )
         )
 
@@ -73,6 +74,7 @@ def test_a_partitioned_host_is_excluded_emits_nothing_after_and_rejoins(cluster,
     finally:
         hosts.link_up(VICTIM_HOST)
     assert seen["requeued"] >= 1 and seen["stale_accepted"] == 0
+    assert seen["migrated_with_kv"] >= 1
     # the tokens crossed hosts: a rank of host 0 wrote to host 1 through the engine
     assert _remote_peers_logged(cluster, 0)
     # nothing of host 1 listens on a wildcard address: the transfer engine's ports too are on
