@@ -14,6 +14,10 @@ Every request completes with the single-process result (``load_with_faults``).
 
 from __future__ import annotations
 
+import glob
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -86,9 +90,16 @@ def test_a_partitioned_host_is_excluded_emits_nothing_after_and_rejoins(cluster,
     )
 
 
-def _remote_peers_logged(cluster, slot: int) -> bool:
-    import glob
+def test_eep_inspect_lists_each_slots_host(cluster):
+    _all_back(cluster)
+    argv = [sys.executable, "-m", "eep.tools.cli", "inspect", "--json"]
+    argv += ["--etcd", cluster.endpoint, "--cluster", cluster.name]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    hosts = {int(s): r["host"] for s, r in json.loads(out)["slots"].items()}
+    assert hosts == {s: f"h{LAYOUT.host_of(s)}" for s in range(LAYOUT.num_slots)}, hosts
 
+
+def _remote_peers_logged(cluster, slot: int) -> bool:
     for path in glob.glob(f"{cluster.workdir}/worker{slot}.*.log"):
         with open(path, errors="replace") as f:
             if "remote [1, 3]" in f.read():
