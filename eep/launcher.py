@@ -1,4 +1,6 @@
-"""Starting and stopping a whole cluster on this host (``eep launch``, the demo, the tests).
+"""Starting and stopping a whole cluster on this host (``eep launch``, the demo, the tests), or
+this host's part of a cluster on several hosts (``ClusterOptions.slots``, ``join``, ``host_id``,
+``address``: the first host starts the cluster, the others join it; design.md 5.9).
 
 Processes: an etcd (embedded unless one is given), the coordinator, the front-end, and one
 torchrun agent per slot (``--nproc-per-node 1 --max-restarts N``) running the slot supervisor,
@@ -177,6 +179,12 @@ class Cluster:
                 f"{self.endpoint}; start the first host (without --join) before the others."
             )
         self.opts.runtime = RuntimeConfig.from_json(kv.value)
+        outside = [s for s in self.local_slots if not 0 <= s < self.cfg.num_slots]
+        if outside:
+            raise LaunchError(
+                f"cluster {self.cfg.cluster} has {self.cfg.num_slots} slots; this host was "
+                f"asked for slots {outside} outside them."
+            )
         if self.cfg.secret_file and not os.path.exists(self.cfg.secret_file):
             raise LaunchError(
                 f"cluster {self.cfg.cluster}: the cluster's secret {self.cfg.secret_file} is "
