@@ -6,7 +6,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import tempfile
-import threading
 import uuid
 
 import pytest
@@ -59,7 +58,7 @@ def _entry(cluster, root, slot, members, rounds, start, end, results, die_at, se
         """The worker's one barrier object, waited on twice: at the start, at the end."""
 
         def __init__(self):
-            self.n, self.lock = 0, threading.Lock()
+            self.n = 0
 
         def wait(self, timeout):
             self.n += 1
