@@ -81,6 +81,22 @@ def restart_delay(name: str, quick_exits: int, ttl_s: float) -> float:
     return backoff
 
 
+def worker_pid(client: EtcdClient, keys: Keys, slot: int) -> int | None:
+    """The pid in ``slot``'s record (``None``: no record, a restarting slot)."""
+    kv = client.get(keys.slot(slot))
+    return json.loads(kv.value)["endpoints"].get("pid") if kv else None
+
+
+def wait_worker_pid(client: EtcdClient, keys: Keys, slot: int, timeout_s: float = 60.0) -> int:
+    """The pid of ``slot``'s worker once it is ready (a restarting slot has none yet)."""
+    deadline = time.monotonic() + timeout_s
+    while (pid := worker_pid(client, keys, slot)) is None:
+        if time.monotonic() > deadline:
+            raise LaunchError(f"slot {slot} has no ready worker after {timeout_s} s")
+        time.sleep(0.05)
+    return pid
+
+
 @dataclass
 class Cluster:
     opts: ClusterOptions
@@ -342,17 +358,10 @@ class Cluster:
         return read_history(self.client, self.keys)
 
     def wait_worker_pid(self, slot: int, timeout_s: float = 60.0) -> int:
-        """The pid of ``slot``'s worker once it is ready (a restarting slot has none yet)."""
-        deadline = time.monotonic() + timeout_s
-        while (pid := self.worker_pid(slot)) is None:
-            if time.monotonic() > deadline:
-                raise LaunchError(f"slot {slot} has no ready worker after {timeout_s} s")
-            time.sleep(0.05)
-        return pid
+        return wait_worker_pid(self.client, self.keys, slot, timeout_s)
 
     def worker_pid(self, slot: int) -> int | None:
-        kv = self.client.get(self.keys.slot(slot))
-        return json.loads(kv.value)["endpoints"].get("pid") if kv else None
+        return worker_pid(self.client, self.keys, slot)
 
     def stop(self) -> None:
         self._stopping.set()  # first: nothing may restart what is being stopped

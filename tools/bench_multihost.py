@@ -80,26 +80,13 @@ def _fault(case: str, cluster, args) -> dict:
     hosts, victim = cluster.hosts, 1
     if case.startswith("loss-"):
         return _loss(cluster, args, float(case[5:]))
-    cut, heal, alive = {
-        "partition": (lambda: hosts.link_down(victim), lambda: hosts.link_up(victim), True),
-        "kill": (lambda: cluster.kill_host(victim), lambda: cluster.restart_host(victim), False),
-        "etcd-cut": (
-            lambda: hosts.cut_ports(victim, mf.ETCD_PORTS),
-            lambda: hosts.heal_ports(victim),
-            True,
-        ),
-        "dataplane-cut": (
-            lambda: hosts.cut_all_but(victim, [*mf.ETCD_PORTS, *mf.frontend_ports(cluster)]),
-            lambda: hosts.heal_all_but(victim),
-            False,
-        ),
-    }[case]
+    fault = mf.host_faults(cluster, victim)[case]
     load = Load(
         cluster.url, prompts_for(16), LoadSpec(max_tokens=args.max_tokens, streams=args.streams)
     ).start()
     try:
         assert load.wait_tokens(1, 120), "the load never streamed"
-        result = mf.host_fault(cluster, load, victim, cut, heal, alive=alive)
+        result = mf.host_fault(cluster, load, victim, fault.cut, fault.heal, alive=fault.alive)
     finally:
         hosts.heal(victim)
         stuck = load.stop(timeout_s=300)
@@ -108,15 +95,13 @@ def _fault(case: str, cluster, args) -> dict:
 
 
 def _loss(cluster, args, pct: float) -> dict:
-    from . import multihost_faults as mf
-
     epoch = cluster.watcher.latest.epoch
     clean = _capacity(cluster, args)
-    mf.drop_packets(cluster.hosts, 1, pct)
+    cluster.hosts.drop(1, pct)
     try:
         lossy = _capacity(cluster, args)
     finally:
-        mf.drop_packets(cluster.hosts, 1, 0.0)
+        cluster.hosts.drop(1, 0)
     return {
         "case": f"loss-{pct:g}",
         "clean_tokens_per_s": clean["tokens_per_s"],

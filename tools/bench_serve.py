@@ -158,10 +158,9 @@ def _worker(slot: int, opts: dict, barrier, results) -> None:
 def _serve_all(slot: int, opts: dict, barrier) -> dict:
     import torch
 
-    from eep.fabrics.base import FabricMember
+    from eep.fabrics.base import FabricMember, peer_info_from_dir, publish_to_dir
     from eep.fabrics.factory import make_fabric
     from eep.fabrics.nccl import ensure_process_group
-    from eep.fabrics.symm import peer_info_from_dir, publish_to_dir
 
     threads = max(1, (os.cpu_count() or 1) // opts["slots"])
     torch.set_num_threads(threads)

@@ -21,7 +21,6 @@ share the filesystem), as the processes of one host do.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -30,12 +29,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+from eep.launcher import wait_worker_pid, worker_pid
 from eep.membership.etcd import EtcdClient
 from eep.membership.keys import Keys
 from eep.membership.watcher import ViewWatcher
 
 from .common import new_cluster_name
-from .netns import EtcdOnHosts, Hosts, start_etcd
+from .netns import Hosts
+from .netns_etcd import EtcdOnHosts, start_etcd
 from .relay import TcpRelay
 
 log = logging.getLogger(__name__)
@@ -207,16 +208,10 @@ class MultiHostCluster:
     # --- what the fault tooling reads ------------------------------------------------------
 
     def worker_pid(self, slot: int) -> int | None:
-        kv = self.client.get(self.keys.slot(slot))
-        return json.loads(kv.value)["endpoints"].get("pid") if kv else None
+        return worker_pid(self.client, self.keys, slot)
 
     def wait_worker_pid(self, slot: int, timeout_s: float = 60.0) -> int:
-        deadline = time.monotonic() + timeout_s
-        while (pid := self.worker_pid(slot)) is None:
-            if time.monotonic() > deadline:
-                raise MultiHostError(f"slot {slot} has no ready worker after {timeout_s} s")
-            time.sleep(0.05)
-        return pid
+        return wait_worker_pid(self.client, self.keys, slot, timeout_s)
 
     # --- host faults -----------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import faults
 from .faults import FaultMissed
@@ -141,6 +142,39 @@ def _wait_migrated(url: str, victims, before: int, timeout_s: float = 90.0) -> i
     return moved - before
 
 
+@dataclass(frozen=True)
+class HostFault:
+    """How to inflict one fault on a host and heal it; ``alive``: its workers outlive it
+    (see :func:`host_fault`)."""
+
+    cut: Callable[[], None]
+    heal: Callable[[], None]
+    alive: bool
+
+
+def host_faults(cluster, host: int) -> dict[str, HostFault]:
+    """The host faults by name, on ``host`` of ``cluster`` (the tests' and the bench's)."""
+    hosts = cluster.hosts
+    return {
+        # cut off, not dead: its exclusion keeps its tokens out
+        "partition": HostFault(lambda: hosts.link_down(host), lambda: hosts.link_up(host), True),
+        # every process, its etcd member too; back as an operator brings it (eep launch --join)
+        "kill": HostFault(
+            lambda: cluster.kill_host(host), lambda: cluster.restart_host(host), False
+        ),
+        # its data plane is up: the epoch tags keep it out
+        "etcd-cut": HostFault(
+            lambda: hosts.cut_ports(host, ETCD_PORTS), lambda: hosts.heal_ports(host), True
+        ),
+        # it reaches etcd: it sees its exclusion (by suspicion) and fences at once
+        "dataplane-cut": HostFault(
+            lambda: hosts.cut_all_but(host, [*ETCD_PORTS, *frontend_ports(cluster)]),
+            lambda: hosts.heal_all_but(host),
+            False,
+        ),
+    }
+
+
 def frontend_ports(cluster) -> list[int]:
     """The front-end's HTTP and rank-link ports (left open by a data-plane-only cut)."""
     info = cluster.client.get(cluster.keys.frontend).json()
@@ -148,39 +182,3 @@ def frontend_ports(cluster) -> list[int]:
 
 
 ETCD_PORTS = (ETCD_CLIENT_PORT, ETCD_PEER_PORT)  # on every host (eep.tools.netns)
-
-
-def drop_packets(hosts, host: int, pct: float) -> None:
-    """Drop ``pct`` % of ``host``'s packets on its link, both ways, at random (iptables'
-    ``statistic`` match; where the kernel has no ``sch_netem``, this is the loss it can make);
-    0 removes the rule."""
-    import subprocess
-
-    from .netns import IFACE
-
-    chain, ns = "EEP-LOSS", hosts.ns(host)
-
-    def ipt(*argv: str, check: bool = True) -> None:
-        cmd = ["ip", "netns", "exec", ns, "iptables", *argv]
-        subprocess.run(cmd, check=check, capture_output=True, timeout=30)
-
-    ipt("-N", chain, check=False)
-    ipt("-F", chain)
-    for hook, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
-        ipt("-D", hook, flag, IFACE, "-j", chain, check=False)
-    if pct <= 0:
-        return
-    ipt(
-        "-A",
-        chain,
-        "-m",
-        "statistic",
-        "--mode",
-        "random",
-        "--probability",
-        f"{pct / 100}",
-        "-j",
-        "DROP",
-    )
-    for hook, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
-        ipt("-I", hook, flag, IFACE, "-j", chain)

@@ -6,10 +6,11 @@ don't clash), each with ``lo`` up and a veth ``eth0`` holding ``10.x.y.<i+1>/24`
 on a bridge ``eep-<tag>-br`` with no address nor IPv6: the hosts reach each other only. Where
 root's iptables sees bridged frames (``br_netfilter``) and its FORWARD is no bare ACCEPT, a
 rule accepting the bridge's traffic goes first there while the hosts live. Faults, each with
-its heal: ``kill_host``, ``link_down``, ``cut_ports`` and ``cut_all_but`` (the host's own
-iptables chains ``EEP-CUT-*``, ``EEP-ONLY-*``; loopback is never cut), ``netem`` (needs
-sch_netem: :func:`netem_available`). Exiting removes it all, killing the hosts' processes
-first; :func:`cleanup_stale` (run on entry) removes what crashed runs left.
+its heal: ``kill_host``, ``link_down``, ``cut_ports``, ``cut_all_but`` and ``drop`` (the
+host's own iptables chains ``EEP-CUT-*``, ``EEP-ONLY-*``, ``EEP-LOSS-*``; loopback is never
+cut), ``netem`` (needs sch_netem: :func:`netem_available`). Exiting removes it all, killing the
+hosts' processes first; :func:`cleanup_stale` (run on entry) removes what crashed runs left.
+An etcd member per host: :mod:`eep.tools.netns_etcd`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-from eep.membership.errors import EtcdUnavailable
-from eep.membership.server import EtcdCluster, EtcdServer
 
 IFACE = "eth0"
 PORT_RANGE = "32768 60999"  # ephemeral ports clear of fixed ones (etcd's 2379 and 2380, ...)
@@ -326,6 +324,13 @@ class Hosts:
     def heal_all_but(self, i: int) -> None:
         self._chains(i, "EEP-ONLY", {"IN": [], "OUT": []})
 
+    def drop(self, i: int, loss_pct: float) -> None:
+        """Drop ``loss_pct`` % of host ``i``'s packets at random, both ways (iptables'
+        ``statistic`` match: loss where the kernel has no ``sch_netem``); 0 stops it."""
+        rule = f"-m statistic --mode random --probability {loss_pct / 100} -j DROP"
+        rules = [rule] if loss_pct > 0 else []
+        self._chains(i, "EEP-LOSS", {w: [f"{d} {IFACE} {r}" for r in rules] for w, d in _WAYS})
+
     def netem(self, i: int, delay_ms: float = 0.0, loss_pct: float = 0.0) -> None:
         """Delay (and lose) what host ``i`` sends; replaces the netem set before."""
         args = ["delay", f"{delay_ms}ms"] + (["loss", f"{loss_pct}%"] if loss_pct else [])
@@ -338,6 +343,7 @@ class Hosts:
         """Undo every fault on host ``i`` but a kill."""
         for heal in (self.link_up, self.heal_ports, self.heal_all_but, self.clear_netem):
             heal(i)
+        self.drop(i, 0)
 
     def _chains(self, i: int, base: str, rules: dict[str, list[str]]) -> None:
         """Set chains ``base``-IN/-OUT of host ``i`` to ``rules``: one ``iptables-restore``."""
@@ -345,56 +351,10 @@ class Hosts:
             return  # no chains yet: nothing to heal
         lines = [f"-F {base}-{way}" for way in rules]
         if i not in self._fw:  # declaring a chain in --noflush mode creates (or flushes) it
-            chains = [f"{b}-{w}" for b in ("EEP-CUT", "EEP-ONLY") for w, _ in _WAYS]
+            chains = [f"{b}-{w}" for b in ("EEP-CUT", "EEP-ONLY", "EEP-LOSS") for w, _ in _WAYS]
             lines = [f":{c} - [0:0]" for c in chains]
             lines += [f"-A {'INPUT' if c.endswith('IN') else 'OUTPUT'} -j {c}" for c in chains]
         lines += [f"-A {base}-{way} {r}" for way, rs in rules.items() for r in rs]
         cmd = ["ip", "netns", "exec", self.ns(i), "iptables-restore", "--noflush"]
         _sh(cmd, "*filter\n" + "\n".join(lines) + "\nCOMMIT\n")
         self._fw.add(i)
-
-
-class EtcdOnHosts(EtcdCluster):
-    """:class:`EtcdCluster` (faults, leader queries, etcd flags) of a member in each host, on its
-    address only (ports 2379 and 2380), data in ``data_root/h<i>``: run by ``ip netns exec``,
-    probed from inside the host, stopped by pid; started again, it rejoins from its data."""
-
-    def __init__(self, hosts: Hosts, data_root: str):
-        self.hosts = hosts
-        members = [
-            EtcdServer(os.path.join(data_root, f"h{i}"), ETCD_CLIENT_PORT, ETCD_PEER_PORT)
-            for i in range(hosts.n)
-        ]
-        for i, member in enumerate(members):
-            member.name, member.host = f"h{i}", hosts.addr(i)
-            member.prefix = ("ip", "netns", "exec", hosts.ns(i))
-            member.net_call = functools.partial(hosts.call, i)
-        super().__init__(base_dir=data_root, members=members)
-
-    def wait_healthy(self, timeout_s: float = 30.0) -> None:
-        """Wait until every member that runs answers ``/health`` true."""
-        deadline = time.monotonic() + timeout_s
-        todo = [i for i, m in enumerate(self.members) if m.pid is not None]
-        while todo := [i for i in todo if not self.members[i].healthy()]:
-            if time.monotonic() > deadline:
-                logs = ", ".join(str(self.members[i].log_path) for i in todo)
-                raise EtcdUnavailable(f"etcd on hosts {todo} unhealthy after {timeout_s} s: {logs}")
-            time.sleep(0.05)
-
-    def stop_member(self, i: int, sig: int = signal.SIGTERM) -> None:
-        """Stop host ``i``'s member by pid (SIGKILL after 10 s); its data dir stays."""
-        self.paused.discard(i)
-        self.members[i].stop(sig)
-
-    def start_member(self, i: int, timeout_s: float = 30.0) -> None:
-        """Start host ``i``'s member again on its data dir; wait until it is healthy."""
-        self.restart(i, timeout_s)
-
-    def stop_all(self) -> None:
-        """SIGKILL every member; the data dirs stay."""
-        self.cleanup()
-
-
-def start_etcd(hosts: Hosts, data_root: str, timeout_s: float = 30.0) -> EtcdOnHosts:
-    """An etcd cluster of one member per host, started and healthy."""
-    return EtcdOnHosts(hosts, data_root).start(timeout_s)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import abc
 import enum
+import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -74,6 +76,29 @@ class FabricConfig:
 
 
 PeerInfo = Callable[[int, int], "dict | None"]
+
+
+def publish_to_dir(root: str, cluster: str, slot: int, incarnation: int, export: dict) -> None:
+    """For processes without etcd (the serve bench, tests): ``slot``'s export as a JSON file
+    in ``root``, where :func:`peer_info_from_dir` finds it. The runtime publishes in etcd."""
+    path = os.path.join(root, f"{cluster}-{slot}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"incarnation": incarnation, **export}, f)
+    os.replace(path + ".tmp", path)
+
+
+def peer_info_from_dir(root: str, cluster: str) -> PeerInfo:
+    """The ``peer_info`` that reads what :func:`publish_to_dir` wrote."""
+
+    def find(slot: int, incarnation: int) -> dict | None:
+        try:
+            with open(os.path.join(root, f"{cluster}-{slot}.json")) as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            return None
+        return info if info["incarnation"] == incarnation else None
+
+    return find
 
 
 @dataclass(frozen=True, slots=True)

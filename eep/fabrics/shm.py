@@ -309,7 +309,7 @@ class ShmFabric(Fabric):
         k, h = self.cfg.topk, self.cfg.hidden
         per_k = torch.zeros(handle.num_tokens * k, h, dtype=self.cfg.dtype)
         for sender, box in boxes.items():
-            meta, rows = self._read(sender, box, tag)
+            meta, rows = self._read(sender, box, tag, copy=False)  # per_k takes the copy
             per_k[meta[:, 0].long()] = rows
         self._check_unchanged(boxes, tag)
         weights = handle.topk_weights.to(self.cfg.dtype).view(-1, k, 1)
@@ -325,11 +325,11 @@ class ShmFabric(Fabric):
     def _flush(self) -> None:
         """After an exchange's posts: nothing here (every post is already in place)."""
 
-    def _read(self, sender: int, box: _Mailbox, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of what ``sender`` put in ``box`` for ``tag``: ``meta`` ``[n, M]`` int32 and
-        ``rows`` ``[n, H]``. (The caller re-checks the flag after: a sequence lock.)"""
+    def _read(self, sender: int, box: _Mailbox, tag: int, copy: bool = True):
+        """``sender``'s ``meta`` ``[n, M]``, ``rows`` ``[n, H]``: copies (``copy=False``: views)."""
         n = int(box.count[0])
-        return box.meta[:n].clone(), box.rows[:n].clone()
+        meta, rows = box.meta[:n], box.rows[:n]
+        return (meta.clone(), rows.clone()) if copy else (meta, rows)
 
     def _collect(self, boxes: dict[int, _Mailbox], tag: int) -> ShmRecv:
         xs, experts, spans, start = [], [], {}, 0

@@ -21,9 +21,7 @@ What the adapter adds to the kernels (``eep.kernels.ipc_buffer.IpcEpBuffer``):
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,29 +52,6 @@ class SymmRecv:
 class SymmHandle:
     kernel: object  # eep.kernels.fabric.DispatchHandle
     rows: torch.Tensor
-
-
-def publish_to_dir(root: str, cluster: str, slot: int, incarnation: int, export: dict) -> None:
-    """For processes without etcd (the serve bench, tests): ``slot``'s export as a JSON file
-    in ``root``, where :func:`peer_info_from_dir` finds it. The runtime publishes in etcd."""
-    path = os.path.join(root, f"{cluster}-{slot}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"incarnation": incarnation, **export}, f)
-    os.replace(path + ".tmp", path)
-
-
-def peer_info_from_dir(root: str, cluster: str) -> PeerInfo:
-    """The ``peer_info`` that reads what :func:`publish_to_dir` wrote."""
-
-    def find(slot: int, incarnation: int) -> dict | None:
-        try:
-            with open(os.path.join(root, f"{cluster}-{slot}.json")) as f:
-                info = json.load(f)
-        except FileNotFoundError:
-            return None
-        return info if info["incarnation"] == incarnation else None
-
-    return find
 
 
 def device_view_for(num_slots: int, device: torch.device | str) -> DeviceView:

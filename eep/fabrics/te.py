@@ -205,12 +205,14 @@ class TeFabric(ShmFabric):
         remote.flags.append((out + box.offset, base + theirs.offset, 8))  # the flag, last
         self.stats["remote_posts"] += 1
 
-    def _read(self, sender: int, box: _Mailbox, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``shm``; a remote sender's copy is taken once it matches its digest (the digest
-        read first: data or digest still landing, or a late write, fail the match), polled
-        until the exchange's deadline."""
+    def _read(
+        self, sender: int, box: _Mailbox, tag: int, copy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``shm``; a remote sender's data is always copied, and taken once the copy matches
+        its digest (the digest read first: data or digest still landing, or a late write, fail
+        the match), polled until the exchange's deadline."""
         if sender not in self.remotes:
-            return super()._read(sender, box, tag)
+            return super()._read(sender, box, tag, copy)
         spins = 0
         while True:
             check, n = int(box.check[0]), int(box.count[0])

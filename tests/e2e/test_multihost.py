@@ -55,28 +55,32 @@ def _all_back(cluster) -> None:
     assert view is not None, "not every slot is in the view before the fault"
 
 
-def test_a_partitioned_host_is_excluded_emits_nothing_after_and_rejoins(cluster, tiny_model_dir):
-    _all_back(cluster)
-    hosts = cluster.hosts
-    seen = {}
+def _host_fault_under_load(cluster, model_dir, name: str, migration=False) -> dict:
+    """``load_with_faults`` around the host fault ``name`` (``host_faults``) of
+    ``VICTIM_HOST``; returns what it saw. The host's network is healed whatever happens
+    (``Hosts.heal``: link up, no cuts)."""
+    seen: dict = {}
+    how = multihost_faults.host_faults(cluster, VICTIM_HOST)[name]
 
-    def partition(load):
+    def fault(load):
         seen.update(
             multihost_faults.host_fault(
-                cluster,
-                load,
-                VICTIM_HOST,
-                cut=lambda: hosts.link_down(VICTIM_HOST),
-                heal=lambda: hosts.link_up(VICTIM_HOST),
-                alive=True,  # cut off, not dead: its exclusion keeps its tokens out
-                migration=True,  # then load moves back onto it, KV pulled across hosts
+                cluster, load, VICTIM_HOST, how.cut, how.heal, alive=how.alive, migration=migration
             )
         )
 
     try:
-        load_with_faults(cluster, tiny_model_dir, partition)
+        load_with_faults(cluster, model_dir, fault)
     finally:
-        hosts.link_up(VICTIM_HOST)
+        cluster.hosts.heal(VICTIM_HOST)
+    return seen
+
+
+def test_a_partitioned_host_is_excluded_emits_nothing_after_and_rejoins(cluster, tiny_model_dir):
+    _all_back(cluster)
+    hosts = cluster.hosts
+    # then load moves back onto it, its KV pulled across hosts
+    seen = _host_fault_under_load(cluster, tiny_model_dir, "partition", migration=True)
     assert seen["requeued"] >= 1 and seen["stale_accepted"] == 0
     assert seen["migrated_with_kv"] >= 1
     # the tokens crossed hosts: a rank of host 0 wrote to host 1 through the engine
@@ -110,72 +114,21 @@ def _remote_peers_logged(cluster, slot: int) -> bool:
 @pytest.mark.multihost
 def test_a_killed_host_is_excluded_and_serves_again_once_brought_back(cluster, tiny_model_dir):
     _all_back(cluster)
-    seen = {}
-
-    def kill(load):
-        seen.update(
-            multihost_faults.host_fault(
-                cluster,
-                load,
-                VICTIM_HOST,
-                cut=lambda: cluster.kill_host(VICTIM_HOST),
-                heal=lambda: cluster.restart_host(VICTIM_HOST),
-                alive=False,
-            )
-        )
-
-    load_with_faults(cluster, tiny_model_dir, kill)
+    seen = _host_fault_under_load(cluster, tiny_model_dir, "kill")
     assert seen["requeued"] >= 1
 
 
 @pytest.mark.multihost
 def test_a_host_cut_from_etcd_alone_is_excluded_and_rejoins(cluster, tiny_model_dir):
     _all_back(cluster)
-    hosts = cluster.hosts
-    seen = {}
-
-    def cut(load):
-        seen.update(
-            multihost_faults.host_fault(
-                cluster,
-                load,
-                VICTIM_HOST,
-                cut=lambda: hosts.cut_ports(VICTIM_HOST, multihost_faults.ETCD_PORTS),
-                heal=lambda: hosts.heal_ports(VICTIM_HOST),
-                alive=True,  # its data plane is up: the epoch tags keep it out
-            )
-        )
-
-    try:
-        load_with_faults(cluster, tiny_model_dir, cut)
-    finally:
-        hosts.heal_ports(VICTIM_HOST)
+    seen = _host_fault_under_load(cluster, tiny_model_dir, "etcd-cut")
     assert seen["stale_accepted"] == 0
 
 
 @pytest.mark.multihost
 def test_a_host_cut_from_the_data_plane_alone_is_excluded_by_suspicion(cluster, tiny_model_dir):
     _all_back(cluster)
-    hosts = cluster.hosts
-    keep = [*multihost_faults.ETCD_PORTS, *multihost_faults.frontend_ports(cluster)]
-    seen = {}
-
-    def cut(load):
-        seen.update(
-            multihost_faults.host_fault(
-                cluster,
-                load,
-                VICTIM_HOST,
-                cut=lambda: hosts.cut_all_but(VICTIM_HOST, keep),
-                heal=lambda: hosts.heal_all_but(VICTIM_HOST),
-                alive=False,  # it reaches etcd: it sees its exclusion and fences at once
-            )
-        )
-
-    try:
-        load_with_faults(cluster, tiny_model_dir, cut)
-    finally:
-        hosts.heal_all_but(VICTIM_HOST)
+    seen = _host_fault_under_load(cluster, tiny_model_dir, "dataplane-cut")
     # the stated bound (design.md 5.10): two rounds of (exchange timeout 2 s + TTL 2 s + 1 s),
     # two debounces of at most 0.5 s, and, where a member never asks, collect_s + resync_s
     bound = 2 * (2.0 + 2 + 1) + 2 * 0.5 + 1 + 1
@@ -193,12 +146,12 @@ def test_packet_loss_between_hosts_excludes_nobody(cluster, tiny_model_dir):
     def lossy(load):
         faults.wait_live_load(cluster.url, 1)
         epoch = cluster.watcher.latest.epoch
-        multihost_faults.drop_packets(cluster.hosts, VICTIM_HOST, 1.0)
+        cluster.hosts.drop(VICTIM_HOST, 1.0)
         try:
             streamed = sum(len(s.times) for s in load.snapshot())
             assert load.wait_tokens(streamed + 150, 240), "no tokens under packet loss"
         finally:
-            multihost_faults.drop_packets(cluster.hosts, VICTIM_HOST, 0.0)
+            cluster.hosts.drop(VICTIM_HOST, 0)
         seen["epoch_moved"] = cluster.watcher.latest.epoch != epoch
 
     load_with_faults(cluster, tiny_model_dir, lossy)

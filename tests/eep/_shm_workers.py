@@ -54,10 +54,9 @@ def exchange(fabric: ShmFabric, round_: int) -> torch.Tensor:
     return fabric.combine(y, handle)
 
 
-def worker(cluster, slot, members, rounds, barrier, results, die_at=None, second_view=None):
-    fabric = ShmFabric(cluster, slot, 1, CFG)
-    barrier.wait(timeout=60)
-    fabric.apply_view(1, {s: 1 for s in members})
+def rounds_of(fabric, rounds, die_at=None, second_view=None) -> list[tuple]:
+    """``rounds`` exchanges in view 1; SIGKILL itself at round ``die_at``; after a failed
+    exchange, apply view 2 (``second_view``'s slots) once and go on, or stop without one."""
     out = []
     for r in range(rounds):
         if die_at == r:
@@ -72,5 +71,12 @@ def worker(cluster, slot, members, rounds, barrier, results, die_at=None, second
             fabric.apply_view(2, {s: 1 for s in second_view})
             out.append(("recovered_after_s", r, time.monotonic() - started))
             second_view = None
-    results.put((slot, out))
+    return out
+
+
+def worker(cluster, slot, members, rounds, barrier, results, die_at=None, second_view=None):
+    fabric = ShmFabric(cluster, slot, 1, CFG)
+    barrier.wait(timeout=60)
+    fabric.apply_view(1, {s: 1 for s in members})
+    results.put((slot, rounds_of(fabric, rounds, die_at, second_view)))
     fabric.close()

@@ -88,7 +88,7 @@ def test_end_step_raises_once_for_a_failed_step_and_resets():
 
 
 def test_exports_exchanged_through_a_directory_name_their_incarnation(tmp_path):
-    from eep.fabrics.symm import peer_info_from_dir, publish_to_dir
+    from eep.fabrics.base import peer_info_from_dir, publish_to_dir
 
     find = peer_info_from_dir(str(tmp_path), "c")
     assert find(1, 1) is None

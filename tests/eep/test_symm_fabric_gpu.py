@@ -41,9 +41,8 @@ def _file_barrier(root: str, name: str, who: str, count: int, timeout_s: float =
 
 
 def _fabric(root, tag, slot, incarnation, elastic=True, cfg=CFG2):
-    from eep.fabrics.base import FabricMember
+    from eep.fabrics.base import FabricMember, peer_info_from_dir, publish_to_dir
     from eep.fabrics.factory import make_fabric
-    from eep.fabrics.symm import peer_info_from_dir, publish_to_dir
 
     torch.cuda.set_device(slot)
     member = FabricMember(

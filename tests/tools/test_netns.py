@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from eep.tools.netns import Hosts, available, cleanup_stale, netem_available, start_etcd
+from eep.tools.netns import Hosts, available, cleanup_stale, netem_available
+from eep.tools.netns_etcd import start_etcd
 
 PORTS = (7100, 7101, 7102)  # the echo server's, in host 2
 REACH_S, BLOCKED_S = 5.0, 1.0  # connect timeouts: a live path answers in ms; a cut one never
@@ -144,6 +145,19 @@ def test_cut_ports_drops_only_those_ports_both_ways(healed):
     hosts.heal_ports(2)
     hosts.heal_ports(2)  # idempotent
     assert _reachable(hosts, 1, PORTS[0])
+
+
+def test_drop_loses_a_hosts_packets_and_heal_stops_it(healed):
+    hosts = healed
+    hosts.drop(0, 100.0)  # every packet: a connection cannot even open
+    hosts.drop(0, 100.0)  # idempotent
+    assert _blocked(hosts, 0, PORTS[0])
+    assert _reachable(hosts, 1, PORTS[0])
+    hosts.heal(0)  # heal undoes the loss too
+    assert _reachable(hosts, 0, PORTS[0])
+    hosts.drop(0, 100.0)
+    hosts.drop(0, 0)
+    assert _reachable(hosts, 0, PORTS[0])
 
 
 def test_cut_all_but_keeps_only_the_allowed_ports(healed):
