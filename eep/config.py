@@ -57,6 +57,13 @@ def default_cuda_graphs(device: str) -> bool:
     return _checked_device(device) == "cuda"
 
 
+def default_standby_stage(device: str) -> bool:
+    """A standby stages its slot's memory (model, expert and KV arenas, transfer engine): on
+    with "cpu", where that memory is host memory; off on "cuda", where it would hold a second
+    copy of the slot's arenas in device memory."""
+    return _checked_device(device) == "cpu"
+
+
 def _checked_device(device: str) -> str:
     if device not in DEVICES:
         raise ValueError(f"RuntimeConfig.device {device!r} must be one of {DEVICES}.")
@@ -91,6 +98,11 @@ class RuntimeConfig:
     # planned, is held open this long before any byte moves, so `eep bench chaos` can kill
     # the rejoining worker or one of its sources mid-pull (the tiny model's pull takes ms)
     pull_hold_s: float = 0.0
+    # a slot's warm standby also stages what its worker builds before the pull: the transfer
+    # engine, the KV arena, the model's dense weights and the expert arena (allocated, not
+    # filled: the experts are still pulled from live peers once promoted). It costs the
+    # standby that memory. None: default_standby_stage(device) (on cpu, off on cuda)
+    standby_stage: bool | None = None
     # admission (the front-end): prompt + max_tokens of one request, at most; 0: the most one
     # rank can hold (rank_kv_tokens), or the model's own limit where that is lower
     max_model_len: int = 0
@@ -118,6 +130,8 @@ class RuntimeConfig:
             object.__setattr__(self, "exchange_timeout_s", default_exchange_timeout_s(device))
         if self.cuda_graphs is None:
             object.__setattr__(self, "cuda_graphs", default_cuda_graphs(device))
+        if self.standby_stage is None:
+            object.__setattr__(self, "standby_stage", default_standby_stage(device))
         for name in _AT_LEAST_ONE:
             _at_least_one(name, getattr(self, name))
         if self.dtype not in DTYPES:

@@ -55,6 +55,8 @@ class PullStats:
     from_peers: dict[str, int]
     from_disk: int
     failed: dict[str, str] = field(default_factory=dict)  # holders that failed mid-pull: why
+    # tensor -> the checksum its bytes were verified against (those pulled from peers)
+    checksums: dict[str, str] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -115,6 +117,7 @@ class ExpertArena:
             dict(report.bytes_by_holder),
             disk,
             dict(report.failed_holders),
+            dict(report.verified),
         )
 
     def publish(
@@ -127,16 +130,25 @@ class ExpertArena:
         incarnation: int,
         lease: int,
         extra: tuple[Arena, ...] = (),
+        known: dict[str, str] | None = None,
     ) -> None:
         """Register the arena and publish its manifest (with the already registered
-        ``extra`` arenas, e.g. the KV blocks), bound to the slot's lease."""
+        ``extra`` arenas, e.g. the KV blocks), bound to the slot's lease. ``known``: tensor ->
+        checksum for tensors whose bytes a pull just verified against it (:attr:`PullStats.
+        checksums`); only the others are computed here."""
         self.arena.register(transport)
-        specs = self.arena.layout.specs
-        # one computation over the arena, as a reader verifies (values identical to checksum)
-        values = range_checksums(
-            self.arena.buffer, [s.offset for s in specs], [s.nbytes for s in specs]
-        )
-        sums = {s.name: format_checksum(v) for s, v in zip(specs, values.tolist(), strict=True)}
+        known = known or {}
+        sums = {s.name: known[s.name] for s in self.arena.layout.specs if s.name in known}
+        specs = [s for s in self.arena.layout.specs if s.name not in known]
+        if specs:
+            # one computation, as a reader verifies (values identical to checksum)
+            values = range_checksums(
+                self.arena.buffer, [s.offset for s in specs], [s.nbytes for s in specs]
+            )
+            sums |= {
+                s.name: format_checksum(v) for s, v in zip(specs, values.tolist(), strict=True)
+            }
+        sums = {s.name: sums[s.name] for s in self.arena.layout.specs}  # layout order
         manifest = build_manifest(
             holder,
             transport,

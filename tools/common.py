@@ -140,6 +140,17 @@ _CLUSTER_FLAGS |= {
             f"{_default('quarantine_after')})",
         ),
     ),
+    "standby_stage": (
+        ("--standby-stage",),
+        dict(
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="a warm standby also builds what its worker needs before the pull (model, "
+            "expert and KV arenas, transfer engine), so a promotion only pulls the experts and "
+            "rejoins; it costs the standby about the memory of an active worker. Default: on "
+            "with --device cpu, off on cuda (it would hold the slot's arenas twice in GPU memory)",
+        ),
+    ),
 }
 # the flag (argparse dest) -> the RuntimeConfig field it gives
 _FIELD_OF = {
@@ -155,6 +166,7 @@ _FIELD_OF = {
     "max_num_seqs": "max_num_seqs",
     "max_queue": "max_queue",
     "quarantine_after": "quarantine_after",
+    "standby_stage": "standby_stage",
 }
 CLUSTER_FLAGS = tuple(_FIELD_OF)
 

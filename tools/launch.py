@@ -56,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="keep a warm standby worker per slot, promoted when the slot's worker dies: its "
-        "imports and device context are done, so the slot is back sooner (default on; it "
-        "costs each slot a second worker process's resident memory, and a CUDA context on a "
-        "GPU)",
+        "imports and device context are done (and, with --standby-stage, its model and "
+        "arenas are built), so the slot is back sooner (default on; it costs each slot a "
+        "second worker process's resident memory, and a CUDA context on a GPU)",
     )
     parser.add_argument("--log-dir", default=None, help="keep every process's log here")
     hosts = parser.add_argument_group(

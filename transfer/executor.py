@@ -57,6 +57,8 @@ class PullReport:
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     overwritten: list[str] = field(default_factory=list)
     from_disk: list[str] = field(default_factory=list)
+    # tensor -> the manifest's checksum its bytes matched (the pulled ones, as they ended)
+    verified: dict[str, str] = field(default_factory=dict)
     replans: int = 0
     batches: int = 0
 
@@ -327,6 +329,7 @@ class _Run:
     def _checked(self, r: ReadOp, actual: int) -> None:
         if actual == parse_checksum(r.checksum):
             self.done.add(r.name)
+            self.report.verified[r.name] = r.checksum
             return
         log.warning(
             "tensor %s from holder %s: checksum %s, manifest says %s; fetching it elsewhere",
@@ -366,6 +369,7 @@ class _Run:
             if value != parse_checksum(r.checksum):
                 log.warning("tensor %s changed after it was verified; fetching it again", r.name)
                 self.done.discard(r.name)
+                self.report.verified.pop(r.name, None)
                 self.report.overwritten.append(r.name)
                 self.landed -= self.got[r.name]
                 self.owner.pop(r.name)

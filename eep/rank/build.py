@@ -21,6 +21,7 @@ from eep.engine.engine import Engine
 from eep.engine.kv_cache import KVCache, KVCacheConfig
 from eep.engine.moe_exec import FabricMoE
 from eep.events import EventLog
+from eep.expert_arena import ExpertArena
 from eep.fabrics.base import Fabric, FabricConfig, FabricMember
 from eep.fabrics.factory import make_fabric
 from eep.membership.errors import MembershipError, decode_object
@@ -28,7 +29,8 @@ from eep.membership.etcd import EtcdClient
 from eep.membership.host import this_host
 from eep.membership.keys import Keys
 from eep.model.config import ModelConfig
-from eep.placement import initial_placement
+from eep.model.qwen3_moe import Qwen3MoeModel
+from eep.placement import Placement, initial_placement
 from eep.transfer.arena import Arena
 from eep.transfer.config import TransferConfig
 from eep.transfer.engine import start_transport
@@ -36,7 +38,7 @@ from eep.transfer.manifest import ManifestStore
 from eep.view_state import ViewState
 
 from .status import StatusBlock
-from .weights import WeightLoader, materialised
+from .weights import WeightLoader, build_model, materialised
 
 log = logging.getLogger("eep.rank.build")
 
@@ -60,17 +62,27 @@ def rank_device(cfg: RuntimeConfig, slot: int) -> str:
     return cfg.device if cfg.device == "cpu" else f"cuda:{slot % torch.cuda.device_count()}"
 
 
-def build_rank(
-    cfg: RuntimeConfig,
-    slot: int,
-    incarnation: int,
-    client: EtcdClient,
-    keys: Keys,
-    status: StatusBlock,
-    events: EventLog,
-    newest_epoch: Callable[[], int],
-    baseline: bool = False,
-) -> Rank:
+@dataclass
+class Staged:
+    """What a worker builds before it pulls: nothing in it names an incarnation, is shared
+    with a peer, or is published, so a warm standby builds it ahead (``standby_stage``) and a
+    cold worker builds it first thing. The expert arena is allocated for the slot's initial
+    placement (a worker's first load always uses it) and not filled."""
+
+    config: str  # the runtime config's JSON it was built for
+    device: str
+    transport: object
+    transfer_cfg: TransferConfig
+    kv_arena: Arena
+    placement: Placement
+    local: tuple[int, ...]  # the experts the arena is laid out for, in local order
+    model: Qwen3MoeModel  # dense weights loaded; its expert stacks are views of ``experts``
+    experts: ExpertArena
+
+
+def stage_rank(cfg: RuntimeConfig, slot: int, touch: bool = False) -> Staged:
+    """Build :class:`Staged` for ``slot``. ``touch``: write every page of the arenas now
+    (a standby: their first-touch faults then cost nothing at promotion)."""
     device = rank_device(cfg, slot)
     if cfg.device != "cpu":
         torch.cuda.set_device(device)  # NCCL and the IPC buffer use the current device
@@ -83,7 +95,6 @@ def build_rank(
         host_id=host.host_id,
     )
     transport = start_transport(transfer_cfg)
-    manifests = ManifestStore(client, cfg.cluster, cfg.num_slots)
     kv_cfg = KVCacheConfig(
         model_cfg.num_hidden_layers,
         model_cfg.num_key_value_heads,
@@ -95,6 +106,40 @@ def build_rank(
         "kv", cfg.kv_blocks, KVCache.block_nbytes(kv_cfg, cfg.torch_dtype), device
     )
     kv_arena.register(transport)
+    local = materialised(placement.slot_experts(slot), model_cfg.num_experts)
+    model, experts = build_model(cfg, local, device)
+    if touch:
+        kv_arena.buffer.zero_()
+        experts.arena.buffer.zero_()
+    return Staged(
+        cfg.to_json(), device, transport, transfer_cfg, kv_arena, placement, local, model, experts
+    )
+
+
+def build_rank(
+    cfg: RuntimeConfig,
+    slot: int,
+    incarnation: int,
+    client: EtcdClient,
+    keys: Keys,
+    status: StatusBlock,
+    events: EventLog,
+    newest_epoch: Callable[[], int],
+    baseline: bool = False,
+    staged: Staged | None = None,
+) -> Rank:
+    """The rank of ``slot`` as ``incarnation``; ``staged``: what a warm standby built ahead
+    (used when it was built for this very config, else built again here)."""
+    if staged is not None and staged.config != cfg.to_json():
+        log.warning("slot %d: the staged rank was built for another config; building again", slot)
+        staged.transport.close()
+        staged = None
+    if staged is None:
+        staged = stage_rank(cfg, slot)
+    device, transport, transfer_cfg = staged.device, staged.transport, staged.transfer_cfg
+    kv_arena, placement = staged.kv_arena, staged.placement
+    model_cfg = staged.model.config
+    manifests = ManifestStore(client, cfg.cluster, cfg.num_slots)
     weights = WeightLoader(
         cfg,
         slot,
@@ -108,8 +153,7 @@ def build_rank(
         events,
         baseline=baseline,
     )
-    local = materialised(placement.slot_experts(slot), model_cfg.num_experts)
-    model = weights.load(local, first=True)
+    model = weights.load(staged.local, first=True, built=(staged.model, staged.experts))
     view_state = ViewState(
         cfg.num_slots, cfg.experts_per_slot, model_cfg.num_experts, placement.max_replicas, device
     )
@@ -150,7 +194,7 @@ def build_rank(
             view=view_state.device_view,  # the engine's, so captured graphs read it
             store_addr=cfg.fabric_store or None,
             transport=transport,
-            host_id=host.host_id,
+            host_id=transfer_cfg.host_id,
         ),
     )
     engine = Engine(

@@ -8,10 +8,14 @@ registers the next incarnation as always and *promotes* the standby by writing
 its experts from live peers, links to the front-end, turns ready). A new standby is started
 once the promoted worker is ready, so it never competes with a recovery for the host.
 
-A standby touches nothing of the slot (status block, etcd records, fabric buffers) before its
-promotion; it only reads. It dies with its supervisor (parent-death signal), and exits
+With ``standby_stage`` (on by default on the CPU) it also stages the slot's rank ahead
+(:func:`eep.rank.build.stage_rank`: transfer engine, KV arena, dense weights, expert arena
+allocated but not filled), so a promotion only pulls the experts, publishes and rejoins.
+A standby touches nothing shared of the slot (status block, etcd records, manifest, fabric
+buffers) before its promotion; it only reads. It dies with its supervisor (parent-death signal), and exits
 quietly when its stdin closes. What it costs is its resident memory (reported by
-:meth:`Standby.rss_bytes`) and, on a GPU, one CUDA context.
+:meth:`Standby.rss_bytes`; staged, about an active worker's) and, on a GPU, one CUDA
+context.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from eep.config import RuntimeConfig
 from eep.events import EventLog
 from eep.expert_arena import ExpertArena
-from eep.model.qwen3_moe import load_model
+from eep.model.qwen3_moe import Qwen3MoeModel, load_model
 from eep.transfer.arena import Arena
 from eep.transfer.config import TransferConfig
 from eep.transfer.manifest import ManifestStore
@@ -29,6 +29,15 @@ def materialised(slot_experts: tuple[int, ...], num_experts: int) -> tuple[int, 
     an expert the slot does not otherwise hold, so the local ids stay distinct."""
     spare = iter(e for e in range(num_experts) if e not in slot_experts)
     return tuple(e if e >= 0 else next(spare) for e in slot_experts)
+
+
+def build_model(
+    cfg: RuntimeConfig, local: tuple[int, ...], device: str
+) -> tuple[Qwen3MoeModel, ExpertArena]:
+    """The model of experts ``local``, its dense weights read from the checkpoint, its expert
+    stacks views of a new (unfilled) :class:`ExpertArena`."""
+    model = load_model(cfg.model_path, local, device=device, dtype=cfg.torch_dtype, experts=False)
+    return model, ExpertArena(model, device)
 
 
 class WeightLoader:
@@ -55,15 +64,18 @@ class WeightLoader:
     def _ctx(self) -> str:
         return f"slot {self.slot} inc {self.incarnation}"
 
-    def load(self, local: tuple[int, ...], first: bool = False):
+    def load(
+        self,
+        local: tuple[int, ...],
+        first: bool = False,
+        built: tuple[Qwen3MoeModel, ExpertArena] | None = None,
+    ):
         """The model with experts ``local``. ``first``: this incarnation's start-up pull, the
         only one ``pull_hold_s`` holds open (a pull on a new view runs inside a step
-        boundary, where a hold would stall every peer)."""
+        boundary, where a hold would stall every peer). ``built``: :func:`build_model`'s
+        result for ``local``, made ahead (a staged rank)."""
         cfg = self.cfg
-        model = load_model(
-            cfg.model_path, local, device=self.device, dtype=cfg.torch_dtype, experts=False
-        )
-        arena = ExpertArena(model, self.device)
+        model, arena = built if built is not None else build_model(cfg, local, self.device)
         stats = arena.fill(
             self.transport,
             self.manifests,
@@ -82,6 +94,7 @@ class WeightLoader:
             self.incarnation,
             self.lease_id(),
             extra=(self.kv_arena,),
+            known=stats.checksums,
         )
         if self.expert_arena is not None:
             # the manifest now names the new arena; the old one's memory is freed with the old

@@ -40,7 +40,7 @@ from eep.membership.view import View
 from eep.membership.watcher import ViewWatcher
 from eep.protocol import Abort, MigrateOut, Refused, Release, Submit
 
-from .build import build_rank
+from .build import Staged, build_rank, stage_rank
 from .link import FrontendChanged, FrontendLink
 from .migration import KvMigration
 from .status import SUSPECT_SLOTS, StatusBlock, WorkerState
@@ -61,10 +61,13 @@ class Worker:
         incarnation: int,
         log_dir: str | None = None,
         baseline: bool = False,
+        staged: Staged | None = None,
     ):
         self.slot, self.incarnation = slot, incarnation
         self.events = EventLog.in_dir(log_dir, f"worker{slot}.{incarnation}")
-        self.events.emit("worker_started", slot=slot, incarnation=incarnation)
+        self.events.emit(
+            "worker_started", slot=slot, incarnation=incarnation, staged=staged is not None
+        )
         self.serving_epoch, self.discarded, self.degraded = 0, False, False
         self.suspected: dict[int, set[int]] = {}  # epoch -> slots that timed out in it
         self.client, self.keys = EtcdClient(etcd), Keys(cluster)
@@ -87,6 +90,7 @@ class Worker:
             self.events,
             self._newest_epoch,
             baseline=baseline,
+            staged=staged,
         )
         self.weights, self.view_state = rank.weights, rank.view_state
         self.fabric, self.engine = rank.fabric, rank.engine
@@ -306,24 +310,31 @@ def _die_with_parent() -> None:
         pass
 
 
-def _await_promotion(args: dict) -> bool:
+def _await_promotion(args: dict) -> tuple[bool, Staged | None]:
     """A standby (``eep.rank.standby``): warm what needs no slot, then wait on stdin for the
-    incarnation to serve as. False when the supervisor closed the pipe without one."""
+    incarnation to serve as. False when the supervisor closed the pipe without one; with it,
+    what was staged (``standby_stage``), if anything."""
     started = time.monotonic()
-    warm_up(args)
-    log.info("standby: warm in %.2f s; waiting to be promoted", time.monotonic() - started)
+    staged = warm_up(args)
+    log.info(
+        "standby: warm%s in %.2f s; waiting to be promoted",
+        " and staged" if staged is not None else "",
+        time.monotonic() - started,
+    )
     line = sys.stdin.readline()
     if not line.strip():
         log.info("standby: released without a promotion")
-        return False
+        return False, None
     args["incarnation"] = int(json.loads(line)["incarnation"])
     log.info("standby: promoted to incarnation %d", args["incarnation"])
-    return True
+    return True, staged
 
 
-def warm_up(args: dict) -> None:
-    """What a worker does at start that needs no slot: the modules it would import lazily
-    (the cluster's fabric, the transfer engine) and the device's context."""
+def warm_up(args: dict) -> Staged | None:
+    """What a worker does at start that needs no incarnation: the modules it would import
+    lazily (the cluster's fabric, the transfer engine) and the device's context; with
+    ``standby_stage``, also the slot's :class:`Staged` rank (a failure there only logs: the
+    promoted worker builds it then)."""
     import importlib
 
     from eep.transfer import engine  # noqa: F401
@@ -338,11 +349,18 @@ def warm_up(args: dict) -> None:
     finally:
         client.close()
     if cfg is None:
-        return
+        return None
     importlib.import_module(f"eep.fabrics.{cfg.fabric}")
     if cfg.device.startswith("cuda") and torch.cuda.is_available():
         torch.empty(1, device=cfg.device).add_(1)  # the CUDA context and the caching allocator
         torch.cuda.synchronize()
+    if not cfg.standby_stage or args.get("baseline"):
+        return None
+    try:
+        return stage_rank(cfg, args["slot"], touch=True)
+    except Exception as exc:  # noqa: BLE001 (anything: the promoted worker stages it again)
+        log.warning("standby: staging failed (%s); the promoted worker builds it", exc)
+        return None
 
 
 def main(raw: str) -> int:
@@ -353,8 +371,11 @@ def main(raw: str) -> int:
     )
     _die_with_parent()
     torch.set_num_threads(1)
-    if args.pop("standby", False) and not _await_promotion(args):
-        return 0
+    staged = None
+    if args.pop("standby", False):
+        promoted, staged = _await_promotion(args)
+        if not promoted:
+            return 0
     worker = Worker(
         args["etcd"],
         args["cluster"],
@@ -362,6 +383,7 @@ def main(raw: str) -> int:
         args["incarnation"],
         args.get("log_dir"),
         bool(args.get("baseline")),
+        staged,
     )
     return worker.serve()
 

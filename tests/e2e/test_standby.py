@@ -67,6 +67,11 @@ def test_a_killed_worker_is_replaced_by_its_warm_standby(cluster, tiny_model_dir
     assert fault.requeued >= 1
     promoted = cluster.wait_worker_pid(SLOT)
     assert promoted == standby, "the new worker is not the standby that was waiting"
+    # on the CPU the standby staged its rank (standby_stage), and the promoted worker used it
+    incarnation = cluster.watcher.latest.incarnation(SLOT)
+    events = faults.worker_events(cluster, SLOT, incarnation)
+    (started,) = [e for e in events if e["event"] == "worker_started"]
+    assert started["staged"] is True
     print(f"kill -> rejoined with the standby: {fault.rejoined_at - fault.at:.2f} s")
     # and a new standby waits behind the promoted worker
     behind = _standby_pid(cluster, SLOT)

@@ -16,6 +16,7 @@ from eep.config import (
     default_dtype,
     default_exchange_timeout_s,
     default_fabric,
+    default_standby_stage,
 )
 from eep.placement import two_replica_experts_per_slot
 
@@ -35,6 +36,7 @@ def test_the_device_defaults():
     assert default_fabric("cpu") == default_fabric("cpu", baseline=True) == "shm"
     assert default_fabric("cuda") == "symm" and default_fabric("cuda", baseline=True) == "nccl"
     assert not default_cuda_graphs("cpu") and default_cuda_graphs("cuda")
+    assert default_standby_stage("cpu") and not default_standby_stage("cuda")
     with pytest.raises(ValueError, match="device 'tpu'"):
         default_exchange_timeout_s("tpu")
 
@@ -45,6 +47,7 @@ def test_builder_defaults_on_cpu():
     assert cfg.experts_per_slot == two_replica_experts_per_slot(NUM_EXPERTS, 4) == 4
     assert (cfg.device, cfg.dtype, cfg.fabric) == ("cpu", "float32", "shm")
     assert cfg.exchange_timeout_s == 2.0 and cfg.cuda_graphs is False
+    assert cfg.standby_stage is True
     assert cfg.ttl_s == 3 and cfg.max_num_seqs == 256 and cfg.pull_hold_s == 0.0
     assert _build(exact=True).dtype == "float64"
     assert _build(baseline=True).fabric == "shm"
@@ -54,6 +57,7 @@ def test_builder_defaults_on_cuda():
     cfg = _build(device="cuda")
     assert (cfg.dtype, cfg.fabric) == ("bfloat16", "symm")
     assert cfg.exchange_timeout_s == 0.5 and cfg.cuda_graphs is True
+    assert cfg.standby_stage is False  # it would hold the slot's arenas twice in GPU memory
     assert _build(device="cuda", baseline=True).fabric == "nccl"
 
 

@@ -126,6 +126,9 @@ def test_many_small_tensors_are_verified_in_a_few_batches_with_the_holders_check
     assert [format_checksum(v) for v in values.tolist()] == [
         published[s.name].checksum for s in specs
     ]
+    # and the report names each tensor with the checksum it was verified against (what the
+    # puller then publishes without computing it again)
+    assert report.verified == {s.name: published[s.name].checksum for s in specs}
 
 
 def test_expert_arena_publishes_the_per_tensor_checksums(transport, etcd, cluster):
@@ -138,5 +141,25 @@ def test_expert_arena_publishes_the_per_tensor_checksums(transport, etcd, cluste
         published = store.get("3").tensors
         for spec in experts.arena.layout.specs:
             assert published[spec.name].checksum == checksum(experts.arena.bytes_of(spec))
+    finally:
+        experts.arena.unregister()
+
+
+def test_expert_arena_publishes_known_checksums_as_given_and_computes_the_rest(
+    transport, etcd, cluster
+):
+    model = Qwen3MoeModel(ModelConfig.tiny(), (5, 1, 6), dtype=torch.bfloat16)
+    experts = ExpertArena(model, "cpu")
+    fill_arena(experts.arena)
+    first, *rest = experts.arena.layout.specs
+    odd = format_checksum(42)  # not the bytes' checksum: shows it is taken as given
+    store = ManifestStore(etcd, cluster)
+    experts.publish(transport, store, "3", "testhost", 3, 1, lease=0, known={first.name: odd})
+    try:
+        published = store.get("3").tensors
+        assert published[first.name].checksum == odd  # a pull verified it: not recomputed
+        for spec in rest:
+            assert published[spec.name].checksum == checksum(experts.arena.bytes_of(spec))
+        assert list(published) == experts.arena.layout.names
     finally:
         experts.arena.unregister()
