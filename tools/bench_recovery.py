@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--tail", type=float, default=10.0, help="s of load after throughput is back (10)")
     p("--bin", type=float, default=0.5, help="throughput bin, s; slots are polled per bin (0.5)")
     p("--window", type=float, default=3.0, help="sustained window for the 95%% time, s (3)")
-    add_cluster_arguments(parser, "ttl", "exchange_timeout", "cuda_graphs")
+    add_cluster_arguments(parser, "ttl", "exchange_timeout", "cuda_graphs", "standby_stage")
     p(
         "--modes",
         default="elastic,baseline",
@@ -183,6 +183,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
     # again, per mode (recovery_run._runtime). exact: outputs are checked token for token
     cfg = runtime_config(args, model_path, "bench", exact=True)
     args.cuda_graphs = cfg.cuda_graphs  # resolved, so the JSON says what ran
+    args.standby_stage = cfg.standby_stage
     slots, failed = cfg.num_slots, len(args.slot)
     return BenchSettings(
         model_path=cfg.model_path,
@@ -194,6 +195,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         ttl_s=cfg.ttl_s,
         exchange_timeout_s=cfg.exchange_timeout_s,
         cuda_graphs=cfg.cuda_graphs,
+        standby_stage=cfg.standby_stage,
         fault=args.fault,
         failed_slots=tuple(args.slot),
         stagger_s=args.stagger,

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from . import faults
 from .common import new_cluster_name
 from .loadgen import Load, LoadSpec, measure_capacity
+from .proc_memory import cluster_memory, describe_memory
 from .recovery_settings import BenchSettings
 from .recovery_timeline import (
     Curve,
@@ -97,6 +98,8 @@ def run_once(s: BenchSettings, mode: str, log_dir: str, prompts, expected, say) 
     if mode == "elastic":
         faults.wait_standbys(cluster)
         say(f"standbys warm at {time.monotonic() - started:.1f} s")
+    memory = cluster_memory(cluster)
+    say(describe_memory(memory))
     injected: list[faults.Fault] = []
     try:
         views: list[tuple[float, object]] = []
@@ -137,6 +140,7 @@ def run_once(s: BenchSettings, mode: str, log_dir: str, prompts, expected, say) 
         "load": {"spec": asdict(spec), "described": spec.describe()},
         "faults": [f.to_dict() for f in injected],
         "poller_misses": poller.misses,
+        "memory": memory,
     }
     record |= analyse(
         s, load, poller.samples, steady, end, injected, read_events(log_dir), committed or views
@@ -179,6 +183,7 @@ def _runtime(s: BenchSettings, mode: str):
         ttl_s=s.ttl_s,
         exchange_timeout_s=s.exchange_timeout_s,
         cuda_graphs=s.cuda_graphs,
+        standby_stage=s.standby_stage,
         max_num_seqs=s.max_num_seqs,
     )
 

@@ -24,6 +24,7 @@ class BenchSettings:
     ttl_s: int
     exchange_timeout_s: float
     cuda_graphs: bool
+    standby_stage: bool  # the warm standbys (elastic runs) stage their ranks ahead
     fault: str  # "kill" | "stop"
     failed_slots: tuple[int, ...]
     stagger_s: float

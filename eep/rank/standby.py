@@ -12,8 +12,8 @@ With ``standby_stage`` (on by default on the CPU) it also stages the slot's rank
 (:func:`eep.rank.build.stage_rank`: transfer engine, KV arena, dense weights, expert arena
 allocated but not filled), so a promotion only pulls the experts, publishes and rejoins.
 A standby touches nothing shared of the slot (status block, etcd records, manifest, fabric
-buffers) before its promotion; it only reads. It dies with its supervisor (parent-death signal), and exits
-quietly when its stdin closes. What it costs is its resident memory (reported by
+buffers) before its promotion; it only reads. It dies with its supervisor (parent-death
+signal), and exits quietly when its stdin closes. What it costs is its resident memory (reported by
 :meth:`Standby.rss_bytes`; staged, about an active worker's) and, on a GPU, one CUDA
 context.
 """

@@ -277,6 +277,7 @@ def _settings(**over) -> BenchSettings:
         ttl_s=3,
         exchange_timeout_s=2.0,
         cuda_graphs=False,
+        standby_stage=True,
         fault="kill",
         failed_slots=(2,),
         stagger_s=0.0,
