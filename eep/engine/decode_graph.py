@@ -292,7 +292,7 @@ class DecodeRunner:
         if victim is not None:  # the pool's only other graph: it goes once this one holds it
             self._evict(victim)
         self.graphs.add(bucket.key)
-        log.debug("decode graph %s captured: %s", bucket.key, self.graph_memory().as_dict())
+        log.info("decode graph %s captured: %s", bucket.key, self.graph_memory().as_dict())
 
     def _settle(self) -> None:
         torch.cuda.synchronize(self.engine.device)
