@@ -385,6 +385,7 @@ def main(raw: str) -> int:
         bool(args.get("baseline")),
         staged,
     )
+    del staged  # the rank holds what it uses; a later re-placement must free the first model
     return worker.serve()
 
 
