@@ -132,3 +132,13 @@ def test_the_help_explains_each_flag(capsys):
     assert "is answered 429 with a Retry-After header" in text
     assert "instead of re-queued again" in text
     assert "sequences one rank decodes at once" in text
+
+
+def test_standby_stage_defaults_to_the_device_and_is_read_back(model_dir):
+    assert _launch(model_dir).standby_stage is True  # on cpu
+    assert _launch(model_dir, "--no-standby-stage").standby_stage is False
+    parser = build_parser()
+    recovery = parser.parse_args(["bench", "recovery", "--device", "cuda"])
+    assert runtime_config(recovery, model_dir, "r").standby_stage is False  # on cuda
+    recovery = parser.parse_args(["bench", "recovery", "--device", "cuda", "--standby-stage"])
+    assert runtime_config(recovery, model_dir, "r").standby_stage is True
