@@ -137,18 +137,15 @@ class ExpertArena:
         checksum for tensors whose bytes a pull just verified against it (:attr:`PullStats.
         checksums`); only the others are computed here."""
         self.arena.register(transport)
-        known = known or {}
-        sums = {s.name: known[s.name] for s in self.arena.layout.specs if s.name in known}
-        specs = [s for s in self.arena.layout.specs if s.name not in known]
-        if specs:
+        sums, specs = dict(known or {}), self.arena.layout.specs
+        todo = [s for s in specs if s.name not in sums]
+        if todo:
             # one computation, as a reader verifies (values identical to checksum)
             values = range_checksums(
-                self.arena.buffer, [s.offset for s in specs], [s.nbytes for s in specs]
+                self.arena.buffer, [s.offset for s in todo], [s.nbytes for s in todo]
             )
-            sums |= {
-                s.name: format_checksum(v) for s, v in zip(specs, values.tolist(), strict=True)
-            }
-        sums = {s.name: sums[s.name] for s in self.arena.layout.specs}  # layout order
+            sums |= {s.name: format_checksum(v) for s, v in zip(todo, values.tolist(), strict=True)}
+        sums = {s.name: sums[s.name] for s in specs}  # layout order
         manifest = build_manifest(
             holder,
             transport,

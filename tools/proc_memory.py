@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 
 MB = 1e6
@@ -110,8 +111,8 @@ def describe_memory(rows: list[dict]) -> str:
     """One line: the median worker's and standby's PSS (and GPU MiB where known)."""
 
     def median(values: list) -> float | None:
-        values = sorted(v for v in values if v is not None)
-        return values[len(values) // 2] if values else None
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
 
     parts = []
     for role in ("worker", "standby"):

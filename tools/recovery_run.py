@@ -95,13 +95,13 @@ def run_once(s: BenchSettings, mode: str, log_dir: str, prompts, expected, say) 
     started = time.monotonic()
     cluster = Cluster(opts).start(timeout_s=300)
     say(f"up in {time.monotonic() - started:.1f} s at {cluster.url}")
-    if mode == "elastic":
-        faults.wait_standbys(cluster)
-        say(f"standbys warm at {time.monotonic() - started:.1f} s")
-    memory = cluster_memory(cluster)
-    say(describe_memory(memory))
     injected: list[faults.Fault] = []
     try:
+        if mode == "elastic":
+            faults.wait_standbys(cluster)
+            say(f"standbys warm at {time.monotonic() - started:.1f} s")
+        memory = cluster_memory(cluster)
+        say(describe_memory(memory))
         views: list[tuple[float, object]] = []
         cluster.watcher.on_view = lambda v: views.append((time.monotonic(), v))
         spec, capacity = _offer(s, cluster.url, prompts, say)

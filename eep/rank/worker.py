@@ -354,7 +354,7 @@ def warm_up(args: dict) -> Staged | None:
     if cfg.device.startswith("cuda") and torch.cuda.is_available():
         torch.empty(1, device=cfg.device).add_(1)  # the CUDA context and the caching allocator
         torch.cuda.synchronize()
-    if not cfg.standby_stage or args.get("baseline"):
+    if not cfg.standby_stage:
         return None
     try:
         return stage_rank(cfg, args["slot"], touch=True)
