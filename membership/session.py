@@ -179,8 +179,12 @@ class Session:
         stall_s = self.config.stall_s if self.config.stall_s is not None else float(self.ttl_s)
         last_seen = self.progress() if self.progress else None
         last_change = time.monotonic()
-        wait = interval
-        due = time.monotonic() + wait
+        # the first renewal is due an interval after the grant was *sent*, as the deadline
+        # counts from then: a grant that took long (a loaded host, etcd just back) must not
+        # push the first renewal past the fence deadline (a healthy worker fenced just after
+        # re-attaching, seen under two busy processes)
+        due = self._last_renewal + interval
+        wait = max(0.0, due - time.monotonic())
         said_riding = 0.0
         while not self._stop.wait(wait):
             now = time.monotonic()

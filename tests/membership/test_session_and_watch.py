@@ -168,6 +168,32 @@ def test_a_renewal_stalled_on_a_dead_connection_is_retried_before_the_fence(etcd
         proxy.close()
 
 
+class _SlowGrant(EtcdClient):
+    """A client whose lease grants answer late (a loaded host, an etcd just back)."""
+
+    def lease_grant(self, *args, **kwargs):
+        granted = super().lease_grant(*args, **kwargs)
+        time.sleep(1.8)
+        return granted
+
+
+def test_a_slow_grant_does_not_push_the_first_renewal_past_the_fence(etcd_server):
+    """The fence deadline counts from when the grant was sent (2.7 s at TTL 3); the first
+    renewal must too. Counted from the grant's answer (1.8 s late) it would come at 2.8 s,
+    after the deadline, and fence a healthy owner (seen on a re-attach under load)."""
+    client = _SlowGrant(etcd_server.endpoint)
+    session = Session(client, SessionConfig(ttl_s=3, margin_s=0.3)).open()
+    try:
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            session.check()  # raises Fenced if the first renewal came too late
+            time.sleep(0.05)
+        assert client.lease_ttl(session.lease_id) > 0
+    finally:
+        session.close()
+        client.close()
+
+
 def test_the_fence_deadline_is_checked_on_the_local_clock(etcd):
     with Session(etcd, SessionConfig(ttl_s=2, margin_s=0.5)) as session:
         session._last_renewal -= 5  # as if the process had been frozen for 5 s
